@@ -1,0 +1,31 @@
+"""bigbatch: gradient accumulation done exactly.
+
+Every loss is a sum and a count; the accumulated gradient is divided by the total count once,
+so K micro-batches give the update of one full batch.
+"""
+
+from .engine import Accumulator as Accumulator
+from .engine import BatchNormWarning as BatchNormWarning
+from .engine import NonFiniteError as NonFiniteError
+from .engine import StepStats as StepStats
+from .errors import BatchPlanError as BatchPlanError
+from .errors import BigBatchError as BigBatchError
+from .errors import LossError as LossError
+from .loss import LossSum as LossSum
+from .loss import token_cross_entropy as token_cross_entropy
+from .plan import BatchPlan as BatchPlan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Accumulator",
+    "BatchNormWarning",
+    "BatchPlan",
+    "BatchPlanError",
+    "BigBatchError",
+    "LossError",
+    "LossSum",
+    "NonFiniteError",
+    "StepStats",
+    "token_cross_entropy",
+]

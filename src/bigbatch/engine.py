@@ -1,0 +1,396 @@
+"""The accumulation engine: one optimizer step over K micro-batches, exactly.
+
+Each micro-batch's loss function returns a :class:`~bigbatch.LossSum`. The engine backpropagates the
+*sum* (so the ``.grad`` buffers hold sums), and once the cycle is complete divides the accumulated
+gradient by the cycle's total item count — once:
+
+    g = (Σ_k ∇ sum_k) / (Σ_k count_k)
+
+That is the gradient of the mean loss over every item of the effective batch, whatever the padding
+of each micro-batch and however many micro-batches the cycle holds. Then, each exactly once per
+cycle and in this order: fp16 unscale, gradient norm, clipping, ``optimizer.step()``,
+``scheduler.step()``, ``optimizer.zero_grad(set_to_none=True)``.
+
+Numerical range: backward runs on ``c · sum_k`` with ``c = 1 / (previous cycle's item count)``, a
+constant for the whole cycle, and the final division is by ``c · N``. The constant cancels exactly
+in the mathematics; it keeps gradient magnitudes at the scale of a mean loss, which matters for
+fp16, whose range a sum over many tokens would overflow. Before the first cycle has been counted,
+``c`` is estimated from the first micro-batch: ``1 / (count_1 × micro-batches in the cycle)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sized
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from .errors import BigBatchError, LossError
+from .loss import LossSum
+from .precision import Precision, PrecisionPolicy
+
+__all__ = ["Accumulator", "BatchNormWarning", "NonFiniteError", "StepStats"]
+
+LossFn = Callable[[torch.nn.Module, Any], LossSum]
+OnNonFinite = Literal["skip", "raise"]
+
+
+class BatchNormWarning(UserWarning):
+    """The model has layers whose statistics span the micro-batch, not the effective batch."""
+
+
+class NonFiniteError(BigBatchError):
+    """A loss or gradient was NaN or infinite and ``on_nonfinite="raise"`` was chosen."""
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one call to :meth:`Accumulator.step` (or :meth:`Accumulator.finish`) did.
+
+    Attributes:
+        step: index of this cycle, counting taken and skipped steps (1 for the first).
+        loss: exact mean loss over the cycle, ``Σ sum_k / Σ count_k`` (NaN when it holds no items).
+        count: items the cycle held, ``Σ count_k``.
+        micro_batches: micro-batches the cycle held.
+        grad_norm: L2 norm of the normalized (and unscaled) gradient before clipping; NaN when the
+            step was skipped before it was computed.
+        lr: learning rate of the first parameter group used for this step.
+        skipped: True when no optimizer update was applied.
+        skip_reason: why it was skipped (``"no items"``, ``"non-finite loss"``,
+            ``"non-finite gradient"``, ``"fp16 overflow"``), else None.
+        seconds: wall time of the cycle, first forward to the end of the step.
+        loss_scale: the fp16 loss scale used in this cycle (None for fp32/bf16).
+    """
+
+    step: int
+    loss: float
+    count: int
+    micro_batches: int
+    grad_norm: float
+    lr: float
+    skipped: bool
+    skip_reason: str | None
+    seconds: float
+    loss_scale: float | None = None
+
+
+class Accumulator:
+    """Runs one exact optimizer step over a cycle of micro-batches.
+
+    Args:
+        model: the module being trained.
+        optimizer: its optimizer; stepped once per cycle.
+        scheduler: optional learning-rate scheduler; stepped once per applied optimizer step (never
+            on a skipped one).
+        clip_grad_norm: if set, the accumulated, normalized gradient is clipped to this L2 norm
+            (``coef = min(1, max_norm / (norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_``).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :mod:`bigbatch.precision`).
+        on_nonfinite: a NaN/inf loss or gradient ``"skip"``\\ s the step (weights, optimizer state
+            and scheduler untouched; reported in :class:`StepStats`) or ``"raise"``\\ s
+            :class:`NonFiniteError`. fp16 overflow always skips: the loss scale is then lowered.
+
+    Raises:
+        BigBatchError: an argument is out of range (see the message).
+
+    The engine owns ``.grad`` while a cycle runs: it starts each cycle from no gradient and leaves
+    none behind (``zero_grad(set_to_none=True)``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        scheduler: Any | None = None,
+        clip_grad_norm: float | None = None,
+        precision: Precision = "fp32",
+        on_nonfinite: OnNonFinite = "skip",
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise BigBatchError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise BigBatchError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if clip_grad_norm is not None and not (
+            isinstance(clip_grad_norm, (int, float)) and 0 < clip_grad_norm < math.inf
+        ):
+            raise BigBatchError(
+                f"clip_grad_norm must be a positive finite number or None, got {clip_grad_norm!r}"
+            )
+        if on_nonfinite not in ("skip", "raise"):
+            raise BigBatchError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
+        param = next(model.parameters(), None)
+        if param is None:
+            raise BigBatchError("model has no parameters to train")
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        self.on_nonfinite: OnNonFinite = on_nonfinite
+        self.device = param.device
+        self.precision = PrecisionPolicy(precision, model, self.device)
+        self.steps_taken = 0
+        self.steps_skipped = 0
+        self._prescale: float | None = None  # see the module docstring
+        self._expected_micro = 1
+        self._reset_cycle()
+        _warn_batchnorm(model)
+
+    # -- the cycle ---------------------------------------------------------------------------
+
+    def step(self, micro_batches: Iterable[Any], loss_fn: LossFn) -> StepStats:
+        """Accumulate every micro-batch of one cycle, then take one optimizer step.
+
+        Args:
+            micro_batches: the cycle's micro-batches, read one at a time (a list, or any
+                iterable; nothing is prefetched). A short cycle is normalized by what it holds.
+            loss_fn: ``loss_fn(model, batch) -> LossSum``; runs under the precision's autocast.
+
+        Returns:
+            :class:`StepStats` of the step. If anything raises, the partial cycle is discarded.
+        """
+        try:
+            if self._prescale is None and isinstance(micro_batches, Sized):
+                self._expected_micro = max(len(micro_batches), 1)
+            for batch in micro_batches:
+                self.accumulate(batch, loss_fn)
+            return self.finish()
+        except BaseException:
+            self.discard()
+            raise
+
+    def accumulate(self, batch: Any, loss_fn: LossFn) -> LossSum:
+        """Run one micro-batch: forward under autocast, backward on its (scaled) loss sum.
+
+        The lower-level half of :meth:`step`, for loops that interleave other work between
+        micro-batches; call :meth:`finish` after the cycle's last micro-batch.
+
+        Returns:
+            The :class:`LossSum` the loss function returned.
+
+        Raises:
+            LossError: the loss function did not return a usable :class:`LossSum`.
+        """
+        if self._micro == 0:
+            self._t0 = time.perf_counter()
+            self.model.zero_grad(set_to_none=True)  # a cycle's gradient is its own, nothing else
+        with self.precision.autocast():
+            out = loss_fn(self.model, batch)
+        ls = _check_loss(out)
+        if self._prescale is None:  # first cycle ever: estimate the cycle's count (one sync)
+            self._prescale = 1.0 / (max(int(ls.count), 1) * self._expected_micro)
+        if ls.sum.requires_grad:
+            self.precision.scale(ls.sum * self._prescale).backward()
+            self.precision.collect()
+        elif not (isinstance(ls.count, int) and ls.count == 0):
+            raise LossError(
+                "loss_fn returned a LossSum whose sum carries no gradient (was it detached or "
+                "computed under torch.no_grad?); only an empty micro-batch (count 0) may do that"
+            )
+        self._loss_sum = self._loss_sum + ls.sum.detach().to(self._loss_sum.device, torch.float64)
+        self._count = self._count + ls.count
+        self._micro += 1
+        return ls
+
+    def finish(self) -> StepStats:
+        """Normalize the accumulated gradient by the cycle's item count and take the step.
+
+        Returns:
+            :class:`StepStats`; ``skipped`` is True when the cycle held no items or a non-finite
+            loss/gradient (weights, optimizer state and scheduler are then untouched).
+
+        Raises:
+            NonFiniteError: a non-finite loss or gradient with ``on_nonfinite="raise"``.
+        """
+        count = int(self._count)
+        loss = float(self._loss_sum) / count if count else math.nan
+        micro, lr, scale = self._micro, self._lr(), self.precision.loss_scale
+        grad_norm, reason = math.nan, None
+        try:
+            if count == 0:
+                reason = "no items"
+            elif not math.isfinite(loss):
+                reason = "non-finite loss"
+            else:
+                grad_norm, reason = self._normalize_and_apply(count)
+            if reason in ("non-finite loss", "non-finite gradient") and (
+                self.on_nonfinite == "raise"
+            ):
+                raise NonFiniteError(
+                    f"{reason} (loss {loss}, grad norm {grad_norm}) at step "
+                    f"{self.steps_taken + self.steps_skipped + 1}; the weights were not updated. "
+                    "Lower the learning rate, check the data, or use on_nonfinite='skip'"
+                )
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
+            self._reset_cycle()
+            if reason is None:
+                self.steps_taken += 1
+            else:
+                self.steps_skipped += 1
+        return StepStats(
+            step=self.steps_taken + self.steps_skipped,
+            loss=loss,
+            count=count,
+            micro_batches=micro,
+            grad_norm=grad_norm,
+            lr=lr,
+            skipped=reason is not None,
+            skip_reason=reason,
+            seconds=seconds,
+            loss_scale=scale,
+        )
+
+    def discard(self) -> None:
+        """Drop the cycle in flight: its gradient, loss sum and count. Counters are unchanged."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+        self._reset_cycle()
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def micro_step(self) -> int:
+        """Micro-batches accumulated in the cycle in flight (0 between cycles)."""
+        return self._micro
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and loss-scaling state needed to resume between cycles.
+
+        Raises:
+            BigBatchError: called with a cycle in flight.
+        """
+        if self._micro:
+            raise BigBatchError(
+                f"state_dict() called with {self._micro} micro-batches in flight; call it "
+                "between cycles (after step() or finish())"
+            )
+        scaler = self.precision.scaler
+        return {
+            "steps_taken": self.steps_taken,
+            "steps_skipped": self.steps_skipped,
+            "prescale": self._prescale,
+            "scaler": None if scaler is None else scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.discard()
+        self.steps_taken = int(state["steps_taken"])
+        self.steps_skipped = int(state["steps_skipped"])
+        self._prescale = None if state["prescale"] is None else float(state["prescale"])
+        if self.precision.scaler is not None and state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _normalize_and_apply(self, count: int) -> tuple[float, str | None]:
+        """Divide the gradient by the item count, unscale, clip, step. Returns (norm, skip reason).
+
+        The ``torch._foreach_*`` kernels are the ones ``torch.optim`` and ``clip_grad_norm_`` use:
+        one launch per group of tensors instead of one per parameter.
+        """
+        grads = self.precision.grads(self._params())
+        assert self._prescale is not None  # set by the cycle's first accumulate()
+        if grads:
+            torch._foreach_mul_(grads, 1.0 / (self._prescale * count))
+        self._prescale = 1.0 / count
+        scaler = self.precision.scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        norm = _total_norm(grads)
+        grad_norm = float(norm)
+        if not math.isfinite(grad_norm):
+            if scaler is None:
+                return grad_norm, "non-finite gradient"
+            scaler.update()  # records the overflow and lowers the scale; no optimizer step
+            return grad_norm, "fp16 overflow"
+        if self.clip_grad_norm is not None and grads:
+            coef = torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
+        self.precision.write_back()
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return grad_norm, None
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _reset_cycle(self) -> None:
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._count: int | torch.Tensor = 0
+        self._micro = 0
+        self._t0: float | None = None
+        self.precision.release()
+
+
+def _check_loss(out: object) -> LossSum:
+    if not isinstance(out, LossSum):
+        hint = (
+            " (wrap a mean-reduced loss as bigbatch.LossSum.from_mean(loss, n_items))"
+            if isinstance(out, torch.Tensor)
+            else ""
+        )
+        raise LossError(
+            f"loss_fn must return bigbatch.LossSum(sum, count), got {type(out).__name__}{hint}"
+        )
+    if not isinstance(out.sum, torch.Tensor) or out.sum.dim() != 0:
+        raise LossError(
+            "LossSum.sum must be a scalar tensor, got "
+            + (f"shape {tuple(out.sum.shape)}" if isinstance(out.sum, torch.Tensor) else
+               type(out.sum).__name__)
+            + "; sum the per-item losses (reduction='sum')"
+        )
+    count = out.count
+    if isinstance(count, torch.Tensor):
+        if count.dim() != 0 or count.is_floating_point() or count.is_complex():
+            raise LossError(
+                f"LossSum.count must be an int or an integer scalar tensor, got a {count.dtype} "
+                f"tensor of shape {tuple(count.shape)}"
+            )
+    elif isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise LossError(f"LossSum.count must be a non-negative int, got {count!r}")
+    return out
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm over all gradient tensors, in the widest dtype among them."""
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    dtype = max((n.dtype for n in norms), key=lambda d: torch.finfo(d).bits)
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]))
+
+
+def _warn_batchnorm(model: torch.nn.Module) -> None:
+    names = [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+    if not names:
+        return
+    shown = ", ".join(names[:5]) + (f", … ({len(names)} in all)" if len(names) > 5 else "")
+    warnings.warn(
+        f"the model has BatchNorm layers ({shown}): under gradient accumulation their batch "
+        "statistics and running-statistic updates see one micro-batch, not the effective batch, "
+        "so training is not equivalent to the full batch. Replace them with GroupNorm/LayerNorm "
+        "or freeze them (eval mode) if that matters",
+        BatchNormWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,103 @@
+"""Mixed precision for accumulation: autocast, fp16 loss scaling, fp32 gradient accumulation.
+
+- ``"fp32"``: no autocast; gradients accumulate in the parameters' own dtype.
+- ``"bf16"``: forward under ``torch.autocast(dtype=bfloat16)``. Parameters kept in float32 get
+  float32 gradients. Parameters stored in bfloat16/float16 get a float32 accumulation buffer: after
+  each micro-batch's backward their low-precision gradient is added into it and released, so the
+  K-term sum is rounded once (when it is handed to the optimizer), not K times.
+- ``"fp16"``: forward under ``torch.autocast(dtype=float16)`` with a ``torch.amp.GradScaler``; the
+  loss is scaled before every backward and the gradient unscaled once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal, get_args
+
+import torch
+
+from .errors import BigBatchError
+
+__all__ = ["Precision", "PrecisionPolicy"]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+_AUTOCAST_DTYPE = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_LOW = (torch.bfloat16, torch.float16)
+
+
+class PrecisionPolicy:
+    """Autocast, loss scaling and float32 accumulation buffers for one precision setting.
+
+    Args:
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        model: the model whose parameters are trained.
+        device: where the model runs (decides the autocast device type).
+
+    Raises:
+        BigBatchError: unknown precision, or ``"fp16"`` with parameters not in float32.
+    """
+
+    def __init__(self, precision: str, model: torch.nn.Module, device: torch.device) -> None:
+        if precision not in get_args(Precision):
+            raise BigBatchError(
+                f"precision must be one of {', '.join(get_args(Precision))}, got {precision!r}"
+            )
+        self.precision: Precision = precision  # type: ignore[assignment]
+        self.device = device
+        self._low = [p for p in model.parameters() if p.requires_grad and p.dtype in _LOW]
+        self._low_ids = {id(p) for p in self._low}
+        self._bufs: list[torch.Tensor | None] = [None] * len(self._low)
+        self.scaler: torch.amp.GradScaler | None = None
+        if precision == "fp16":
+            if self._low:
+                raise BigBatchError(
+                    f"precision='fp16' needs float32 parameters, but {len(self._low)} are "
+                    f"{self._low[0].dtype}: the grad scaler cannot unscale half-precision "
+                    "gradients. Keep the model in float32 (autocast runs the math in float16) "
+                    "or use precision='bf16'"
+                )
+            self.scaler = torch.amp.GradScaler(device.type)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The context the forward pass runs in."""
+        dtype = _AUTOCAST_DTYPE[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The tensor to backpropagate: the loss times the fp16 loss scale (else unchanged)."""
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def collect(self) -> None:
+        """After a backward: move low-precision gradients into their float32 buffers."""
+        for i, p in enumerate(self._low):
+            if p.grad is None:
+                continue
+            buf = self._bufs[i]
+            if buf is None:
+                self._bufs[i] = p.grad.to(torch.float32)
+            else:
+                buf.add_(p.grad)
+            p.grad = None
+
+    def grads(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """The tensors holding the cycle's accumulated gradient (float32 or wider)."""
+        own = [p.grad for p in params if p.grad is not None and id(p) not in self._low_ids]
+        return own + [b for b in self._bufs if b is not None]
+
+    def write_back(self) -> None:
+        """Hand the float32 buffers to the optimizer as the low-precision parameters' ``.grad``."""
+        for p, buf in zip(self._low, self._bufs):
+            if buf is not None:
+                p.grad = buf.to(p.dtype)
+
+    def release(self) -> None:
+        """Drop the float32 buffers (the end of a cycle)."""
+        self._bufs = [None] * len(self._low)
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The current fp16 loss scale, or None when no scaler is used."""
+        return None if self.scaler is None else float(self.scaler.get_scale())
+
