@@ -358,11 +358,15 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
         raise ValueError(f"{name} {value!r} must be an integer >= {minimum}")
 
 
+def _epoch_seed(seed: int, index: int, purpose: str = "") -> int:
+    # A fresh generator per (seed, index) lets any step's draw be computed directly. Hashing the
+    # pair (rather than e.g. seed * K + index) keeps different seeds from ever sharing a draw.
+    tag = f"bigbatch:{seed}:{index}" + (f":{purpose}" if purpose else "")
+    return int.from_bytes(hashlib.blake2b(tag.encode(), digest_size=8).digest(), "little") >> 1
+
+
 def _epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    # A fresh generator per (seed, epoch) lets any step's batch be computed directly. Hashing the
-    # pair (rather than e.g. seed * K + epoch) keeps different seeds from ever sharing an epoch.
-    digest = hashlib.blake2b(f"bigbatch:{seed}:{epoch}".encode(), digest_size=8).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
     return torch.randperm(num_samples, generator=generator)
 
 
@@ -437,3 +441,25 @@ def eval_batches(num_samples: int, batch_size: int) -> Iterator[torch.Tensor]:
         torch.arange(start, min(start + batch_size, num_samples))
         for start in range(0, num_samples, batch_size)
     )
+
+
+def vary_lengths(batch: dict[str, torch.Tensor], seed: int, step: int, min_len: int = 1,
+                 ) -> dict[str, torch.Tensor]:
+    """Cut each row's labels at a random length, making a padded, variable-length batch.
+
+    Row ``i`` keeps its first ``L_i`` labels, ``L_i`` uniform in ``[min_len, seq_len]`` drawn from a
+    generator keyed on ``(seed, step)`` (never the global RNG); later labels become
+    ``IGNORE_INDEX``. Inputs are untouched: the model is causal, so inputs after position ``L_i``
+    cannot change the predictions before it. Per-micro-batch token counts then differ a lot —
+    where the naive mean-of-means recipe goes wrong.
+
+    Returns:
+        A new batch dict; ``batch`` is not modified.
+    """
+    labels = batch["labels"]
+    rows, seq_len = labels.shape
+    _check_int("min_len", min_len, minimum=1)
+    gen = torch.Generator().manual_seed(_epoch_seed(seed, step, "lengths"))
+    lengths = torch.randint(min(min_len, seq_len), seq_len + 1, (rows, 1), generator=gen)
+    keep = torch.arange(seq_len).unsqueeze(0) < lengths.to(labels.device)
+    return {**batch, "labels": torch.where(keep, labels, torch.full_like(labels, IGNORE_INDEX))}

@@ -1,0 +1,7 @@
+"""``python -m bigbatch`` runs the command line (and so does ``torchrun -m bigbatch``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,147 @@
+"""``bigbatch compare``: full batch, bigbatch accumulation and the naive recipe, side by side.
+
+The same model (same initialization) trains three times on the same padded, variable-length global
+batches: with K=1 (the truth), with K micro-batches normalized by the true token count (bigbatch),
+and with K micro-batches each normalized by its own token mean and divided by K (the recipe the
+popular trainers used until 2024). The first two end at the same weights up to float rounding; the
+third drifts.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .data import global_batches, vary_lengths
+from .engine import Accumulator
+from .loss import LossSum
+from .plan import BatchPlan
+from .verify import naive_loss
+from .workload import build_workload, lm_loss, make_optimizer, make_scheduler
+
+__all__ = ["CompareResult", "compare", "format_compare"]
+
+RUNS = ("full batch", "bigbatch", "naive")
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """Per-run true training losses, final distances to the full-batch run, and the plot."""
+
+    losses: dict[str, list[float]]
+    distance: dict[str, float]
+    k: int
+    global_batch: int
+    steps: int
+    png: Path
+
+
+class _TrueLoss:
+    """Wraps a loss function and records the exact Σ sum / Σ count of what it saw."""
+
+    def __init__(self, loss_fn: Callable[[torch.nn.Module, Any], LossSum]) -> None:
+        self.loss_fn = loss_fn
+        self.sum = 0.0
+        self.count = 0
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> LossSum:
+        ls = self.loss_fn(model, batch)
+        self.sum += float(ls.sum.detach())
+        self.count += int(ls.count)
+        return ls
+
+    def take(self) -> float:
+        mean = self.sum / self.count if self.count else float("nan")
+        self.sum, self.count = 0.0, 0
+        return mean
+
+
+def _distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    with torch.no_grad():
+        return float(torch.cat([(p - q).double().flatten()
+                                for p, q in zip(a.parameters(), b.parameters())]).norm())
+
+
+def compare(config: TrainConfig, *, steps: int, accum_steps: int, out_png: Path,
+            log: Callable[[str], None] = print) -> CompareResult:
+    """Train the three runs for ``steps`` optimizer steps and plot their loss curves.
+
+    Distances are relative: ``‖θ_run − θ_full‖ / ‖θ_full − θ_0‖`` — how far a run ended from the
+    full-batch weights, compared with how far training moved them.
+
+    Raises:
+        BatchPlanError: the global batch is not divisible into ``accum_steps`` micro-batches.
+    """
+    g = config.plan().global_batch
+    plans = {"full batch": BatchPlan(global_batch=g, accum_steps=1, world_size=1),
+             "bigbatch": BatchPlan(global_batch=g, accum_steps=accum_steps, world_size=1)}
+    plans["naive"] = plans["bigbatch"]
+    work = build_workload(config)
+    start = copy.deepcopy(work.model)
+    order = global_batches(len(work.train), g, config.seed)
+    batches = [vary_lengths(work.train.batch(next(order)), config.seed, step)
+               for step in range(steps)]
+    losses: dict[str, list[float]] = {}
+    models: dict[str, torch.nn.Module] = {}
+    for name in RUNS:
+        model = copy.deepcopy(start)
+        opt = make_optimizer(model, config)
+        acc = Accumulator(model, opt, scheduler=make_scheduler(opt, config),
+                          clip_grad_norm=config.clip_norm,
+                          precision=config.precision)  # type: ignore[arg-type]
+        true_loss = _TrueLoss(lm_loss)
+        loss_fn = naive_loss(true_loss) if name == "naive" else true_loss
+        curve = []
+        for batch in batches:
+            acc.step(plans[name].split(work.to_device(batch)), loss_fn)
+            curve.append(true_loss.take())
+        losses[name], models[name] = curve, model
+        log(f"{name}: K={plans[name].accum_steps}, final training loss {curve[-1]:.4f}")
+    moved = _distance(models["full batch"], start)
+    distance = {name: _distance(models[name], models["full batch"]) / moved for name in RUNS}
+    result = CompareResult(losses, distance, accum_steps, g, steps, out_png)
+    _plot(result)
+    return result
+
+
+def _plot(result: CompareResult) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = range(1, result.steps + 1)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    ax.plot(steps, result.losses["full batch"], color="black", lw=2.5, label="full batch (K=1)")
+    ax.plot(steps, result.losses["bigbatch"], color="tab:cyan", lw=1.2, ls="--",
+            label=f"bigbatch (K={result.k}, Σsum/Σcount)")
+    ax.plot(steps, result.losses["naive"], color="tab:red", lw=1.2,
+            label=f"naive (K={result.k}, mean of micro-batch means)")
+    text = "\n".join(f"{name}: {result.distance[name]:.1e}" for name in RUNS[1:])
+    ax.text(0.98, 0.70, "distance from full-batch weights\n(relative to distance trained)\n"
+            + text, transform=ax.transAxes, ha="right", va="top", fontsize=8,
+            bbox={"boxstyle": "round", "fc": "white", "ec": "0.7"})
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (exact token mean)")
+    ax.set_title(f"global batch {result.global_batch}, padded variable-length sequences")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(result.png)
+    plt.close(fig)
+
+
+def format_compare(result: CompareResult) -> str:
+    """A markdown table: run, K, final training loss, relative distance to the full batch."""
+    lines = ["| run | K | final training loss | distance to full batch |", "|---|---|---|---|"]
+    for name in RUNS:
+        k = 1 if name == "full batch" else result.k
+        lines.append(f"| {name} | {k} | {result.losses[name][-1]:.4f} | "
+                     f"{result.distance[name]:.2e} |")
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""What a run writes: ``metrics.jsonl`` (plus TensorBoard events when installed), the loss plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .engine import StepStats
+
+__all__ = ["RunLog", "plot_losses", "read_metrics"]
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no NaN; null marks "not computed"
+
+
+class RunLog:
+    """Appends one JSON line per optimizer step and per evaluation to ``metrics.jsonl``.
+
+    Train lines: ``{"kind": "train", "step", "loss", "items", "grad_norm", "lr", "tokens_per_s",
+    "seconds", "skipped", "skip_reason", "micro_batches"}``. Eval lines: ``{"kind": "eval",
+    "step", "val_loss", "val_items"}``. With the ``tensorboard`` extra installed the same scalars go
+    to TensorBoard event files in ``tb/``.
+    """
+
+    def __init__(self, out: Path, tensorboard: bool = True) -> None:
+        self.path = out / "metrics.jsonl"
+        self._file = self.path.open("a", encoding="utf-8")
+        self._tb: Any = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # the extra is not installed: metrics.jsonl only
+                pass
+            else:
+                self._tb = SummaryWriter(log_dir=str(out / "tb"))
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def train(self, stats: StepStats, step: int, tokens_per_s: float) -> None:
+        self._write({
+            "kind": "train", "step": step, "loss": _finite(stats.loss), "items": stats.count,
+            "grad_norm": _finite(stats.grad_norm), "lr": stats.lr,
+            "tokens_per_s": tokens_per_s, "seconds": stats.seconds, "skipped": stats.skipped,
+            "skip_reason": stats.skip_reason, "micro_batches": stats.micro_batches,
+        })
+        if self._tb is not None:
+            for key, value in (("train/loss", stats.loss), ("train/grad_norm", stats.grad_norm),
+                               ("train/lr", stats.lr), ("train/tokens_per_s", tokens_per_s)):
+                if math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+
+    def eval(self, step: int, val_loss: float, val_items: int) -> None:
+        self._write({"kind": "eval", "step": step, "val_loss": _finite(val_loss),
+                     "val_items": val_items})
+        if self._tb is not None and math.isfinite(val_loss):
+            self._tb.add_scalar("val/loss", val_loss, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file."""
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(metrics: Path, png: Path, title: str = "") -> Path:
+    """Training loss per optimizer step and validation loss per evaluation, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics)
+    train = [(r["step"], r["loss"]) for r in records
+             if r["kind"] == "train" and r["loss"] is not None]
+    val = [(r["step"], r["val_loss"]) for r in records
+           if r["kind"] == "eval" and r["val_loss"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    if train:
+        ax.plot(*zip(*train), lw=1.0, color="tab:blue", label="training loss")
+    if val:
+        ax.plot(*zip(*val), "o-", color="tab:orange", label="validation loss")
+    ax.axhline(math.log(256), color="grey", ls=":", lw=1, label="uniform over 256 bytes")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(title or "bigbatch train")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
