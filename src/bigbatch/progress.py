@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TextIO
@@ -16,6 +17,14 @@ def _duration(seconds: float) -> str:
     minutes, s = divmod(seconds, 60)
     h, m = divmod(minutes, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _terminal_width(stream: TextIO) -> int:
+    """Columns of the terminal ``stream`` writes to; 0 when it is not a (sized) terminal."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns if stream.isatty() else 0
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 class Progress:
@@ -39,9 +48,8 @@ class Progress:
         self.every = every or max(1, total // 20)
         self.start_step = start
         self._t0 = time.perf_counter()
-        isatty = getattr(self.stream, "isatty", None)
         self._bar: tqdm | None = None
-        if isatty is not None and isatty():
+        if _terminal_width(self.stream) > 0:
             self._bar = tqdm(total=total, initial=start, file=self.stream, unit="step",
                              dynamic_ncols=True)
 
