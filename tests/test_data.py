@@ -17,6 +17,7 @@ from bigbatch.data import (
     load_documents,
     split_documents,
     stdlib_root,
+    vary_lengths,
 )
 from bigbatch.errors import BigBatchError
 
@@ -421,3 +422,57 @@ def test_eval_batches_validation() -> None:
         eval_batches(10, 0)
     with pytest.raises(ValueError):
         eval_batches(-1, 2)
+
+
+# --- variable lengths -------------------------------------------------------------------------
+
+
+def full_rows(n: int, seq: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, 256, (n, seq), generator=gen),
+            "labels": torch.randint(0, 256, (n, seq), generator=gen)}
+
+
+def test_vary_lengths_keeps_a_prefix_of_labels_only() -> None:
+    batch = full_rows(64, 20)
+    original = {k: v.clone() for k, v in batch.items()}
+    out = vary_lengths(batch, seed=3, step=5)
+    assert out is not batch and set(out) == set(batch)
+    assert all(torch.equal(batch[k], original[k]) for k in batch)  # not mutated
+    assert torch.equal(out["input_ids"], batch["input_ids"])
+    kept = out["labels"] != -100
+    assert torch.equal(out["labels"][kept], batch["labels"][kept])
+    assert (kept.int().diff(dim=1) <= 0).all()  # kept positions are a prefix of each row
+    lengths = kept.sum(1)
+    assert lengths.min() >= 1 and lengths.max() <= 20
+    assert len(set(lengths.tolist())) > 8  # 64 draws from 20 values: far from constant
+
+
+def test_vary_lengths_keyed_on_seed_and_step_only() -> None:
+    batch = full_rows(32, 24)
+    ref = vary_lengths(batch, seed=3, step=5)["labels"]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    again = vary_lengths(batch, seed=3, step=5)["labels"]
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator was not used
+    assert torch.equal(again, ref)
+    assert not torch.equal(vary_lengths(batch, seed=3, step=6)["labels"], ref)
+    assert not torch.equal(vary_lengths(batch, seed=4, step=5)["labels"], ref)
+
+
+def test_vary_lengths_min_len_bounds() -> None:
+    batch = full_rows(200, 16)
+    lengths = (vary_lengths(batch, 0, 0, min_len=12)["labels"] != -100).sum(1)
+    assert lengths.min() >= 12 and lengths.max() <= 16
+    assert set(lengths.tolist()) == {12, 13, 14, 15, 16}  # both ends reachable
+    everything = vary_lengths(batch, 0, 0, min_len=99)["labels"]  # capped at seq_len
+    assert torch.equal(everything, batch["labels"])
+    with pytest.raises(ValueError, match="min_len"):
+        vary_lengths(batch, 0, 0, min_len=0)
+
+
+def test_vary_lengths_keeps_existing_padding() -> None:
+    batch = full_rows(8, 10)
+    batch["labels"][:, 4:] = -100
+    out = vary_lengths(batch, 1, 2)["labels"]
+    assert (out[:, 4:] == -100).all()

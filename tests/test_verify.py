@@ -1,4 +1,4 @@
-"""verify, compare and their helpers (in process; the CLI tests run the commands)."""
+"""verify and its helpers, in process (the CLI tests run the command itself)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,16 @@ import pytest
 import torch
 from reference import RTOL, TinyLM, lm_batch, lm_mean_loss, max_rel_diff
 
-from bigbatch import Accumulator, BatchPlan, token_cross_entropy
-from bigbatch.compare import compare, format_compare
+from bigbatch import Accumulator, BatchPlan, LossSum, token_cross_entropy
 from bigbatch.config import ConfigError, TrainConfig
-from bigbatch.data import vary_lengths
-from bigbatch.verify import default_verify_inputs, format_table, load_factory, naive_loss, verify
+from bigbatch.verify import (
+    default_rtol,
+    default_verify_inputs,
+    format_table,
+    load_factory,
+    naive_loss,
+    verify,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,64 +40,129 @@ def lm_loss(m, b):
     return token_cross_entropy(m(b["input_ids"]), b["labels"])
 
 
-def test_vary_lengths_is_deterministic_and_only_masks_labels() -> None:
-    batch = lm_batch(16, seq=20, lengths=[20] * 16)
-    a, b = vary_lengths(batch, seed=3, step=5), vary_lengths(batch, seed=3, step=5)
-    other = vary_lengths(batch, seed=3, step=6)
-    assert torch.equal(a["labels"], b["labels"]) and not torch.equal(a["labels"], other["labels"])
-    assert torch.equal(a["input_ids"], batch["input_ids"])
-    kept = a["labels"] != -100
-    assert torch.equal(a["labels"][kept], batch["labels"][kept])
-    lengths = kept.sum(1)
-    assert lengths.min() >= 1 and lengths.max() <= 20 and len(set(lengths.tolist())) > 3
-    assert (kept.int().diff(dim=1) <= 0).all()  # a prefix is kept, the rest is padding
-    assert (batch["labels"] != -100).all()  # the input batch was not modified
+def sgd(m):
+    return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
 
 
-def test_naive_loss_is_mean_of_micro_batch_means() -> None:
+@pytest.fixture()
+def float64():
+    old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
-    try:
-        torch.manual_seed(0)
-        model = TinyLM()
-        cycle = [lm_batch(4, lengths=lens) for lens in ([1, 0, 0, 2], [12] * 4, [3, 5, 7, 9])]
-        ours = copy.deepcopy(model)
-        Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.1)).step(cycle,
-                                                                           naive_loss(lm_loss))
-        hand = copy.deepcopy(model)
-        opt = torch.optim.SGD(hand.parameters(), lr=0.1)
-        for b in cycle:
-            (lm_mean_loss(hand, b) / len(cycle)).backward()
-        opt.step()
-        assert max_rel_diff(ours, hand) <= RTOL
-    finally:
-        torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(old)
+
+
+# --- naive_loss --------------------------------------------------------------------------------
+
+
+def test_naive_loss_is_mean_of_micro_batch_means(float64: None) -> None:
+    model = TinyLM()
+    cycle = [lm_batch(4, lengths=lens) for lens in ([1, 0, 0, 2], [12] * 4, [3, 5, 7, 9])]
+    ours = copy.deepcopy(model)
+    stats = Accumulator(ours, sgd(ours)).step(cycle, naive_loss(lm_loss))
+    hand = copy.deepcopy(model)  # the pre-2024 loop, written out
+    opt = sgd(hand)
+    means = []
+    for b in cycle:
+        loss = lm_mean_loss(hand, b)
+        means.append(loss.item())
+        (loss / len(cycle)).backward()
+    opt.step()
+    assert max_rel_diff(ours, hand) <= RTOL
+    assert max_rel_diff(ours, model) > 1e-3  # a real step was taken
+    assert stats.loss == pytest.approx(sum(means) / len(means), rel=RTOL)
+
+
+def test_naive_loss_empty_micro_batch_is_zero_not_nan(float64: None) -> None:
+    model = TinyLM()
+    empty = lm_batch(2, lengths=[0, 0])
+
+    def int_count(m, b):
+        ls = lm_loss(m, b)
+        return LossSum(ls.sum, int(ls.count))
+
+    for fn in (lm_loss, int_count):  # an integer-tensor count (as lm_loss gives) and an int
+        ls = naive_loss(fn)(model, empty)
+        assert ls.count == 1 and float(ls.sum.detach()) == 0.0 and ls.sum.requires_grad
+
+
+# --- verify on the default workload -------------------------------------------------------------
 
 
 def test_verify_passes_in_float64_and_naive_fails(text: Path) -> None:
     config = tiny(text)
     model, batches, loss_fn, make_opt = default_verify_inputs(config, 2)
     plan = config.plan()
-    ok = verify(model, batches, loss_fn, plan=plan, make_optimizer=make_opt, rtol=1e-10)
+    counts = [[int((b["labels"] != -100).sum()) for b in plan.split(x)] for x in batches]
+    assert all(len(set(c)) > 1 for c in counts)  # micro-batches really differ in token count
+    ok = verify(model, batches, loss_fn, plan=plan, make_optimizer=make_opt, rtol=1e-10,
+                clip=config.clip_norm)
     assert ok.passed and ok.worst <= 1e-10 and len(ok.rows) == 2
-    assert all(abs(r.cosine - 1) < 1e-12 for r in ok.rows)
-    assert "PASS" in format_table(ok)
+    assert (ok.k, ok.micro_batch, ok.global_batch, ok.dtype) == (4, 2, 8, "float64")
+    assert all(abs(r.cosine - 1) < 1e-12 and r.loss_diff < 1e-12 for r in ok.rows)
+    assert all(r.grad_max_abs > 0 or r.grad_max_rel == 0 for r in ok.rows)
+    table = format_table(ok)
+    assert "PASS" in table and "K=4 micro-batches of 2" in table and "float64" in table
+    assert len(table.splitlines()) == 2 + 2 + 1  # header, rule, 2 rows, verdict
     bad = verify(model, batches, loss_fn, plan=plan, make_optimizer=make_opt, rtol=1e-10,
-                 normalization="naive")
-    assert not bad.passed and bad.worst > 1e-3 and "FAIL" in format_table(bad)
+                 clip=config.clip_norm, normalization="naive")
+    assert not bad.passed and bad.worst > 1e-3
+    assert "FAIL" in format_table(bad) and "naive" in format_table(bad)
+    # the starting model is untouched: both paths trained copies
+    fresh, *_ = default_verify_inputs(config, 1)
+    assert max_rel_diff(model, fresh) == 0.0
 
+
+def test_verify_refuses_a_batch_that_does_not_fill_k_micro_batches(float64: None) -> None:
+    model = TinyLM()
+    plan = BatchPlan(global_batch=8, micro_batch=2, world_size=1)
+    with pytest.raises(ConfigError, match=r"batch 1 has 4 rows but the plan takes 8 \(K=4"):
+        verify(model, [lm_batch(4)], lm_loss, plan=plan, make_optimizer=sgd, rtol=1e-10)
+    with pytest.raises(ConfigError, match="normalization must be 'exact' or 'naive'"):
+        verify(model, [lm_batch(8)], lm_loss, plan=plan, make_optimizer=sgd, rtol=1e-10,
+               normalization="mean")  # type: ignore[arg-type]
+
+
+def test_default_rtol() -> None:
+    assert default_rtol(torch.float64) == 1e-10
+    assert default_rtol(torch.float32) == 1e-4
+    with pytest.raises(ConfigError, match="use --dtype float32 or float64"):
+        default_rtol(torch.bfloat16)
+
+
+# --- user factories ------------------------------------------------------------------------------
 
 FACTORY = """
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from bigbatch import LossSum
+from mysetup_helper import HIDDEN
+
+
+@dataclass
+class Shape:  # a dataclass with string annotations needs the module in sys.modules
+    hidden: int = HIDDEN
+
 
 def make():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-    batch = (torch.randn(8, 4), torch.randn(8, 2))
-    def loss_fn(m, b):
-        return LossSum(F.mse_loss(m(b[0]), b[1], reduction="sum"), b[1].numel())
-    return model, batch, loss_fn
+    model = torch.nn.Sequential(torch.nn.Linear(4, Shape().hidden), torch.nn.Tanh(),
+                                torch.nn.Linear(Shape().hidden, 2)).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randn(8, 2, dtype=torch.float64)
+    mask = torch.tensor([1, 0, 0, 0, 1, 1, 1, 1.0], dtype=torch.float64)[:, None]
+
+    def loss_fn(m, b):  # mask 0 rows are padding: micro-batches hold 1, 0, 2, 2 real rows
+        x, y, mask = b
+        err = (F.mse_loss(m(x), y, reduction="none") * mask).sum()
+        return LossSum(err, (mask.sum() * 2).long())
+
+    return model, (x, y, mask), loss_fn
 
 def broken():
     raise ValueError("no GPU here")
@@ -100,58 +170,63 @@ def broken():
 def wrong():
     return 42
 
+def wrong_tuple():
+    return 1, 2, 3
+
 not_a_function = 3
 """
 
 
 @pytest.fixture()
-def factory_file(tmp_path: Path) -> Path:
+def factory_file(tmp_path: Path):
     path = tmp_path / "mysetup.py"
     path.write_text(FACTORY)
-    return path
+    (tmp_path / "mysetup_helper.py").write_text("HIDDEN = 8\n")
+    (tmp_path / "badimport.py").write_text("import no_such_dependency_xyz\n")
+    (tmp_path / "crash.py").write_text("1 / 0\n")
+    path_before, modules_before = list(sys.path), set(sys.modules)
+    yield path
+    for name in set(sys.modules) - modules_before:
+        del sys.modules[name]
+    sys.path[:] = path_before
 
 
 def test_user_factory_by_path_and_by_module(factory_file: Path) -> None:
+    path_before = list(sys.path)
     model, batch, loss_fn = load_factory(f"{factory_file}:make")
-    model = model.double()
-    batch = tuple(t.double() for t in batch)
+    assert sys.path == path_before  # the file's folder was on sys.path only while it loaded
+    assert "mysetup" not in sys.modules  # registered under a private name, shadowing nothing
     plan = BatchPlan(global_batch=8, micro_batch=2, world_size=1)
-
-    def sgd(m):
-        return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-
     report = verify(model, [batch] * 3, loss_fn, plan=plan, make_optimizer=sgd, rtol=1e-10)
-    assert report.passed
+    assert report.passed and report.dtype == "float64"
+    naive = verify(model, [batch] * 3, loss_fn, plan=plan, make_optimizer=sgd, rtol=1e-10,
+                   normalization="naive")
+    assert naive.worst > 1e-3  # uneven micro-batches: the naive recipe differs
     sys.path.insert(0, str(factory_file.parent))
-    try:
-        model2, _, _ = load_factory("mysetup:make")
-        assert isinstance(model2, torch.nn.Sequential)
-    finally:
-        sys.path.remove(str(factory_file.parent))
-        sys.modules.pop("mysetup", None)
+    model2, _, _ = load_factory("mysetup:make")
+    assert isinstance(model2, torch.nn.Sequential)
+    assert max_rel_diff(model2, model) == 0.0
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    ("nocolon", "expected MODULE:FUNCTION"),
-    ("no_such_module_xyz:make", "cannot import 'no_such_module_xyz'; check PYTHONPATH"),
-    ("/no/such/file.py:make", "no such file"),
-    ("{f}:missing", "has no attribute 'missing'"),
-    ("{f}:not_a_function", "not_a_function is not callable"),
-    ("{f}:broken", "raised ValueError: no GPU here"),
-    ("{f}:wrong", r"must return \(model, batch, loss_fn\), got int"),
+    ("nocolon", "expected MODULE:FUNCTION or path/file.py:FUNCTION"),
+    ("no_such_module_xyz:make",
+     "no module named 'no_such_module_xyz'; check PYTHONPATH or give a file path"),
+    ("/no/such/file.py:make", "no such file /no/such/file.py; check the path"),
+    ("{d}/badimport.py:make", "raised ModuleNotFoundError: No module named "
+     "'no_such_dependency_xyz'; install it"),
+    ("{d}/crash.py:make", "importing .*crash.py raised ZeroDivisionError: division by zero"),
+    ("{d}/mysetup.py:missing", "has no attribute 'missing'; check the function's name"),
+    ("{d}/mysetup.py:not_a_function", "not_a_function is a int, not callable"),
+    ("{d}/mysetup.py:broken", r"mysetup.py:broken raised ValueError: no GPU here"),
+    ("{d}/mysetup.py:wrong", r"must return \(model, batch, loss_fn\) .* got int"),
+    ("{d}/mysetup.py:wrong_tuple", r"got \(int, int, int\)"),
 ])
 def test_load_factory_errors(factory_file: Path, spec: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        load_factory(spec.format(f=factory_file))
-
-
-def test_compare_three_runs(text: Path, tmp_path: Path) -> None:
-    config = tiny(text, global_batch=8, micro_batch=2)
-    png = tmp_path / "c.png"
-    result = compare(config, steps=4, accum_steps=4, out_png=png, log=lambda line: None)
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert all(len(v) == 4 for v in result.losses.values())
-    assert result.distance["full batch"] == 0.0
-    assert result.distance["bigbatch"] < 1e-9  # float64: the same weights
-    assert result.distance["naive"] > 1e-3  # the naive recipe drifted
-    assert "| naive | 4 |" in format_compare(result)
+    path_before = list(sys.path)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_factory(spec.format(d=factory_file.parent))
+    assert "\n" not in str(info.value) and str(info.value).startswith("--model ")
+    err = info.value  # no chained traceback: the user's own error is in the one line
+    assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__)
+    assert sys.path == path_before

@@ -453,8 +453,17 @@ def vary_lengths(batch: dict[str, torch.Tensor], seed: int, step: int, min_len: 
     cannot change the predictions before it. Per-micro-batch token counts then differ a lot —
     where the naive mean-of-means recipe goes wrong.
 
+    Args:
+        batch: ``{"labels": LongTensor[B, seq_len], ...}``; other entries are passed through.
+        seed: any integer (e.g. the run's seed).
+        step: the optimizer step the batch is for; each step gets its own lengths.
+        min_len: shortest kept prefix (capped at ``seq_len``).
+
     Returns:
         A new batch dict; ``batch`` is not modified.
+
+    Raises:
+        ValueError: ``min_len`` is not an integer >= 1.
     """
     labels = batch["labels"]
     rows, seq_len = labels.shape

@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
-from collections.abc import Callable, Sequence
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +65,8 @@ class VerifyRow:
 
 @dataclass(frozen=True)
 class VerifyReport:
+    """One verify run: its rows, its setting, and the verdict (``worst <= rtol``)."""
+
     rows: list[VerifyRow]
     dtype: str
     global_batch: int
@@ -78,17 +82,33 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
+        """True when every step's relative differences are within ``rtol``."""
         return self.worst <= self.rtol
 
 
 def default_rtol(dtype: torch.dtype) -> float:
-    """1e-10 in float64; in float32 the level that float rounding of the two paths reaches.
+    """The pass threshold for ``verify`` with parameters in ``dtype``.
 
-    Measured on the default workload (``bigbatch verify``: 3 steps, K=4): the exact engine's worst
-    relative difference is 1.4e-6 in float32 (3.7e-15 in float64), the naive recipe's 3.7e-2 in
-    both; 1e-4 sits between them with margins of ~70× and ~370×.
+    Measured on the default workload (``bigbatch verify``: SGD with momentum, clip 1, 3 steps of
+    padded batches): the exact engine's worst relative difference is 3.7e-15 in float64 and
+    1.4e-6 in float32 (at most 1.4e-6 over 10 steps, seeds 0-1, K = 2, 8, 32), the naive recipe's
+    3.3e-2 to 1.6 in both. float32's 1e-4 sits ~70× above the first and ≥300× below the second.
+    In bfloat16 rounding alone differs by ~0.3, as much as the naive recipe (~0.36): no threshold
+    tells them apart.
+
+    Returns:
+        1e-10 for float64, 1e-4 for float32.
+
+    Raises:
+        ConfigError: any other dtype.
     """
-    return 1e-10 if dtype == torch.float64 else 1e-4
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 1e-4
+    raise ConfigError(f"verify has no meaningful tolerance for {dtype} parameters (rounding "
+                      "alone is as large as the naive recipe's error); use --dtype float32 or "
+                      "float64, or give --rtol")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -129,7 +149,14 @@ def verify(model: torch.nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, p
 
     Returns:
         :class:`VerifyReport` with one row per step.
+
+    Raises:
+        ConfigError: ``normalization`` is unknown; a batch does not fill exactly
+            ``plan.accum_steps`` micro-batches (the report would then claim a K it never ran);
+            a batch holds no items; or the engine skipped a step (non-finite loss or gradient).
     """
+    if normalization not in ("exact", "naive"):
+        raise ConfigError(f"normalization must be 'exact' or 'naive', got {normalization!r}")
     full, acc_model = copy.deepcopy(model), copy.deepcopy(model)
     opt_full, opt_acc = make_optimizer(full), make_optimizer(acc_model)
     cap_full, cap_acc = _GradCapture(opt_full), _GradCapture(opt_acc)
@@ -137,6 +164,14 @@ def verify(model: torch.nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, p
     engine_loss = naive_loss(loss_fn) if normalization == "naive" else loss_fn
     rows = []
     for step, batch in enumerate(batches, 1):
+        micro = plan.split(batch)
+        n = sum(_rows(b) for b in micro)
+        if n != plan.local_batch:
+            raise ConfigError(
+                f"verify: batch {step} has {n} rows but the plan takes {plan.local_batch} "
+                f"(K={plan.accum_steps} micro-batches of {plan.micro_batch}); give a batch of "
+                f"{plan.local_batch} rows, or --global-batch {n} and a --micro-batch dividing it"
+            )
         opt_full.zero_grad(set_to_none=True)
         ls = loss_fn(full, batch)
         count = int(ls.count)
@@ -146,7 +181,7 @@ def verify(model: torch.nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, p
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(full.parameters(), clip)
         opt_full.step()
-        stats = acc.step(plan.split(batch), engine_loss)
+        stats = acc.step(micro, engine_loss)
         loss_full = ls.sum.item() / count
         ga, gb = cap_acc.grads, cap_full.grads
         if stats.skipped or not ga:
@@ -166,6 +201,13 @@ def verify(model: torch.nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, p
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return VerifyReport(rows, dtype, plan.global_batch, plan.micro_batch, plan.accum_steps, rtol,
                         normalization)
+
+
+def _rows(batch: Any) -> int:
+    """Rows (dim 0) of the first tensor in a batch that :meth:`BatchPlan.split` accepted."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    return _rows(next(iter(batch.values() if isinstance(batch, Mapping) else batch)))
 
 
 def format_table(report: VerifyReport) -> str:
@@ -190,51 +232,95 @@ def format_table(report: VerifyReport) -> str:
 def load_factory(spec: str) -> tuple[torch.nn.Module, Any, LossFn]:
     """Import ``module:function`` (or ``path/file.py:function``) and call it.
 
-    The function takes no arguments and returns ``(model, batch, loss_fn)``.
+    The function takes no arguments and returns ``(model, batch, loss_fn)``. A file is imported
+    as a script would be: its folder is first on ``sys.path`` while it loads and while the
+    function runs (so it can import its neighbours), and it is registered in ``sys.modules``
+    under a private name (``dataclasses`` and pickling look modules up there).
 
     Raises:
-        ConfigError: the spec, the import, the function or what it returns is wrong.
+        ConfigError: the spec, the import, the function or what it returns is wrong, or the
+            function raised; the message names the problem and the fix in one line.
     """
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
         raise ConfigError(f"--model {spec!r}: expected MODULE:FUNCTION or path/file.py:FUNCTION")
+    folder = None
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise ConfigError(f"--model {spec}: no such file {where}; check the path")
+        folder = str(path.resolve().parent)
+        sys.path.insert(0, folder)
     try:
-        if where.endswith(".py"):
-            path = Path(where)
-            if not path.is_file():
-                raise ConfigError(f"--model {spec}: no such file {where}")
-            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-            assert mod_spec is not None and mod_spec.loader is not None
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-    except ConfigError:
-        raise
-    except ModuleNotFoundError as e:
-        raise ConfigError(f"--model {spec}: cannot import {e.name!r}; check PYTHONPATH or give "
-                          "a file path (path/to/file.py:function)") from None
-    except Exception as e:  # the user's module failed while importing
-        raise ConfigError(f"--model {spec}: importing {where} raised {type(e).__name__}: {e}",
-                          ) from None
-    factory = getattr(module, name, None)
-    if factory is None:
-        raise ConfigError(f"--model {spec}: {where} has no attribute {name!r}")
-    if not callable(factory):
-        raise ConfigError(f"--model {spec}: {name} is not callable")
-    try:
-        got = factory()
-    except Exception as e:
-        raise ConfigError(f"--model {spec} raised {type(e).__name__}: {e}") from None
+        module = _import(spec, where)
+        factory = getattr(module, name, None)
+        if factory is None:
+            raise ConfigError(f"--model {spec}: {where} has no attribute {name!r}; check the "
+                              "function's name")
+        if not callable(factory):
+            raise ConfigError(f"--model {spec}: {name} is a {type(factory).__name__}, not "
+                              "callable; name a function that returns (model, batch, loss_fn)")
+        try:
+            got = factory()
+        except Exception as e:
+            raise ConfigError(f"--model {spec} raised {type(e).__name__}: {e}") from None
+    finally:
+        if folder is not None and folder in sys.path:
+            sys.path.remove(folder)
     if not (isinstance(got, tuple) and len(got) == 3 and isinstance(got[0], torch.nn.Module)
             and callable(got[2])):
-        raise ConfigError(f"--model {spec}: {name}() must return (model, batch, loss_fn), got "
-                          f"{type(got).__name__}")
+        kinds = (f"({', '.join(type(x).__name__ for x in got)})" if isinstance(got, tuple)
+                 else type(got).__name__)
+        raise ConfigError(f"--model {spec}: {name}() must return (model, batch, loss_fn) with an "
+                          f"nn.Module and a callable, got {kinds}")
     return got
 
 
+def _import(spec: str, where: str) -> Any:
+    """The module of a ``load_factory`` spec; import failures become one-line ConfigErrors."""
+    try:
+        if not where.endswith(".py"):
+            return importlib.import_module(where)
+        path = Path(where)
+        # A private, identifier-only name: never shadows a real module, and importable by name.
+        key = "_bigbatch_factory_" + re.sub(r"\W", "_", path.resolve().as_posix())
+        mod_spec = importlib.util.spec_from_file_location(key, path)
+        if mod_spec is None or mod_spec.loader is None:
+            raise ConfigError(f"--model {spec}: cannot load {where} as Python source")
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[key] = module
+        try:
+            mod_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+        return module
+    except ConfigError:
+        raise
+    except ModuleNotFoundError as e:
+        if e.name is not None and (where == e.name or where.startswith(e.name + ".")):
+            raise ConfigError(f"--model {spec}: no module named {e.name!r}; check PYTHONPATH "
+                              "or give a file path (path/to/file.py:function)") from None
+        raise ConfigError(f"--model {spec}: importing {where} raised ModuleNotFoundError: {e}; "
+                          "install it or fix the import") from None
+    except Exception as e:  # the user's module failed while importing
+        raise ConfigError(f"--model {spec}: importing {where} raised {type(e).__name__}: {e}",
+                          ) from None
+
+
 def default_verify_inputs(config: TrainConfig, steps: int) -> VerifyInputs:
-    """The default GPT and ``steps`` padded, variable-length global batches of the corpus."""
+    """The default GPT and ``steps`` padded, variable-length global batches of the corpus.
+
+    Batches are the training run's first ``steps`` global batches (:func:`global_batches`), each
+    cut by :func:`vary_lengths` so micro-batch token counts differ, on the workload's device.
+
+    Returns:
+        ``(model, batches, lm_loss, make_optimizer)``; the optimizer is SGD with momentum at
+        ``config.lr`` (see :func:`_sgd` for why not AdamW).
+
+    Raises:
+        ConfigError, DataError: the device or the data cannot be had.
+    """
     work = build_workload(config)
     plan = config.plan()
     order = global_batches(len(work.train), plan.global_batch, config.seed)
