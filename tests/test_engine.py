@@ -346,6 +346,43 @@ def test_state_dict_round_trip() -> None:
     stats = [acc2.step(c, mlp_loss) for c in cycles[2:]]
     assert [s.step for s in stats] == [3, 4]
     assert max_rel_diff(m2, a) == 0.0  # bitwise: the loss prescale was restored too
-    acc2.accumulate(cycles[0][0], mlp_loss)
-    with pytest.raises(bigbatch.BigBatchError, match="in flight"):
-        acc2.state_dict()
+
+
+@pytest.mark.parametrize("precision_dtype", [("fp32", torch.float64), ("bf16", torch.bfloat16)])
+def test_state_dict_mid_cycle_resumes_bit_for_bit(precision_dtype) -> None:
+    precision, dtype = precision_dtype
+    model = mlp().to(dtype)
+    cycles = make_cycles("mlp", 4, steps=2)
+    cycles = [[tuple(t.to(dtype) for t in b) for b in c] for c in cycles]
+    a, _ = train_engine(model, OPTIMIZERS["adamw"], cycles, mlp_loss, precision=precision)
+
+    m1 = copy.deepcopy(model)
+    opt1 = OPTIMIZERS["adamw"](m1)
+    acc1 = Accumulator(m1, opt1, precision=precision)
+    acc1.step(cycles[0], mlp_loss)
+    for b in cycles[1][:3]:  # stop after 3 of the 4 micro-batches of the second cycle
+        acc1.accumulate(b, mlp_loss)
+    state = copy.deepcopy(acc1.state_dict())
+    model_state, opt_state = copy.deepcopy(m1.state_dict()), copy.deepcopy(opt1.state_dict())
+    assert state["micro"] == 3 and state["count"] == 3 * cycles[1][0][1].numel()
+
+    m2 = copy.deepcopy(model)
+    m2.load_state_dict(model_state)
+    opt2 = OPTIMIZERS["adamw"](m2)
+    opt2.load_state_dict(opt_state)
+    acc2 = Accumulator(m2, opt2, precision=precision)
+    acc2.load_state_dict(state)
+    acc2.accumulate(cycles[1][3], mlp_loss)
+    stats = acc2.finish()
+    assert stats.micro_batches == 4 and stats.step == 2
+    assert all(torch.equal(p, q) for p, q in zip(m2.parameters(), a.parameters()))
+
+
+def test_load_state_dict_refuses_other_model() -> None:
+    model = mlp()
+    acc = Accumulator(model, OPTIMIZERS["sgd"](model))
+    acc.accumulate(make_cycles("mlp", 2, steps=1)[0][0], mlp_loss)
+    state = acc.state_dict()
+    other = torch.nn.Linear(6, 3)
+    with pytest.raises(bigbatch.BigBatchError, match="does not match this model"):
+        Accumulator(other, OPTIMIZERS["sgd"](other)).load_state_dict(state)

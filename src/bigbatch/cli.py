@@ -92,10 +92,24 @@ def _config(args: argparse.Namespace, own: Sequence[str] = (), **defaults: Any) 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import train
+    from pathlib import Path
 
-    config = _config(args)
-    result = train(config)
+    from .trainer import RunStopped, load_run_config, train
+
+    if args.resume is not None:
+        known = {f.name for f in dataclasses.fields(TrainConfig)} | {"config"}
+        extra = sorted("--" + k.replace("_", "-") for k in vars(args) if k in known)
+        if extra:
+            raise UsageError(f"--resume continues a run with its own config.yaml; drop "
+                             f"{', '.join(extra)}")
+        config = load_run_config(Path(args.resume))
+    else:
+        config = _config(args)
+    try:
+        result = train(config, resume=args.resume is not None)
+    except RunStopped as stop:
+        print(f"bigbatch: {stop}", file=sys.stderr)
+        return stop.exit_code
     print(f"final validation loss {result.final_val_loss:.4f} nats/byte "
           f"(uniform: 5.55); training loss {result.final_train_loss:.4f}; "
           f"{result.steps} steps in {result.seconds:.0f}s")
@@ -162,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a small byte-level GPT with exact gradient "
                        "accumulation; with no flags, on the Python standard library's source.")
     _add_config_flags(p)
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the run in DIR from its newest good checkpoint (bitwise exact)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("verify", help="check K micro-batches give the full-batch step",

@@ -79,6 +79,15 @@ class TrainConfig:
     n_layer: int = _opt("transformer blocks", default=4)
     n_head: int = _opt("attention heads", default=4)
     d_model: int = _opt("model width", default=128)
+    save_every: int = _opt("checkpoint every N optimizer steps (0: only when stopping)",
+                           default=100)
+    save_every_micro: int = _opt("also checkpoint every M micro-batches, mid-cycle (0: off)",
+                                 default=0)
+    keep: int = _opt("keep the newest N checkpoints", default=3)
+    on_nonfinite: str = _opt(
+        "a NaN/inf loss or gradient skips that optimizer step, or stops the run with a checkpoint",
+        default="skip", meta={"choices": ("skip", "stop")},
+    )
     out: str | None = _opt("run folder (default: runs/<date>-<time>)", default=None)
     device: str = _opt("cpu, cuda, cuda:N, or auto", default="auto")
     overwrite: bool = _opt("replace the run files in an --out folder that holds a run",
@@ -94,7 +103,9 @@ class TrainConfig:
         for name in ("steps", "seq_len", "n_layer", "n_head", "d_model", "eval_samples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every"):
+        if self.keep <= 0:
+            raise ConfigError(f"--keep must be positive, got {self.keep}")
+        for name in ("warmup", "eval_every", "save_every", "save_every_micro"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(name)} must be 0 or more, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

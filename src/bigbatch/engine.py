@@ -261,32 +261,62 @@ class Accumulator:
         return self._micro
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and loss-scaling state needed to resume between cycles.
+        """Everything needed to resume exactly, also in the middle of a cycle.
 
-        Raises:
-            BigBatchError: called with a cycle in flight.
+        Between cycles: the counters, the loss prescale and the fp16 scaler state. With a cycle in
+        flight, also its partial gradient (each parameter's ``.grad`` and float32 buffer, cloned),
+        its running loss sum and item count, so a resumed run continues the cycle bit for bit.
+        Parameters are listed in ``model.parameters()`` order.
         """
-        if self._micro:
-            raise BigBatchError(
-                f"state_dict() called with {self._micro} micro-batches in flight; call it "
-                "between cycles (after step() or finish())"
-            )
         scaler = self.precision.scaler
-        return {
+        state: dict[str, Any] = {
             "steps_taken": self.steps_taken,
             "steps_skipped": self.steps_skipped,
             "prescale": self._prescale,
+            "expected_micro": self._expected_micro,
             "scaler": None if scaler is None else scaler.state_dict(),
+            "micro": self._micro,
         }
+        if self._micro:
+            state["loss_sum"] = self._loss_sum.detach().clone()
+            state["count"] = int(self._count)
+            state["grads"] = [None if p.grad is None else p.grad.detach().clone()
+                              for p in self.model.parameters()]
+            state["fp32_buffers"] = self.precision.buffer_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (a cycle in flight included).
+
+        Raises:
+            BigBatchError: the saved gradients do not match this model's parameters.
+        """
         self.discard()
         self.steps_taken = int(state["steps_taken"])
         self.steps_skipped = int(state["steps_skipped"])
         self._prescale = None if state["prescale"] is None else float(state["prescale"])
+        self._expected_micro = int(state.get("expected_micro", 1))
         if self.precision.scaler is not None and state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
+        micro = int(state.get("micro", 0))
+        if not micro:
+            return
+        params = list(self.model.parameters())
+        grads = state["grads"]
+        if len(grads) != len(params) or any(
+            g is not None and g.shape != p.shape for g, p in zip(grads, params)
+        ):
+            raise BigBatchError(
+                "the saved partial gradient does not match this model's parameters; resume with "
+                "the model the checkpoint was taken from"
+            )
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
+        self.precision.load_buffer_state(state["fp32_buffers"])
+        self._loss_sum = state["loss_sum"].to(self._loss_sum.device, torch.float64)
+        self._count = int(state["count"])
+        self._micro = micro
+        self._t0 = time.perf_counter()
 
     # -- internals ---------------------------------------------------------------------------
 

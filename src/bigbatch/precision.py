@@ -92,6 +92,20 @@ class PrecisionPolicy:
             if buf is not None:
                 p.grad = buf.to(p.dtype)
 
+    def buffer_state(self) -> list[torch.Tensor | None]:
+        """Clones of the float32 buffers of a cycle in flight (for checkpoints)."""
+        return [None if b is None else b.clone() for b in self._bufs]
+
+    def load_buffer_state(self, bufs: list[torch.Tensor | None]) -> None:
+        """Restore :meth:`buffer_state`."""
+        if len(bufs) != len(self._low):
+            raise BigBatchError(
+                f"checkpoint holds {len(bufs)} float32 gradient buffers, this model needs "
+                f"{len(self._low)}; resume with the model and precision of the checkpoint"
+            )
+        self._bufs = [None if b is None else b.to(p.device, torch.float32)
+                      for p, b in zip(self._low, bufs)]
+
     def release(self) -> None:
         """Drop the float32 buffers (the end of a cycle)."""
         self._bufs = [None] * len(self._low)

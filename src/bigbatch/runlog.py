@@ -25,7 +25,7 @@ class RunLog:
     to TensorBoard event files in ``tb/``.
     """
 
-    def __init__(self, out: Path, tensorboard: bool = True) -> None:
+    def __init__(self, out: Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
         self.path = out / "metrics.jsonl"
         self._file = self.path.open("a", encoding="utf-8")
         self._tb: Any = None
@@ -35,7 +35,8 @@ class RunLog:
             except ImportError:  # the extra is not installed: metrics.jsonl only
                 pass
             else:
-                self._tb = SummaryWriter(log_dir=str(out / "tb"))
+                # purge_step drops events a resumed run is about to write again
+                self._tb = SummaryWriter(log_dir=str(out / "tb"), purge_step=purge_step)
 
     def _write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")

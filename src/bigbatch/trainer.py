@@ -13,30 +13,35 @@ import json
 import math
 import platform
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 import torch
 import yaml
 from safetensors.torch import save_model
 
 from . import __version__
-from .config import ConfigError, TrainConfig
+from .checkpoint import CheckpointError, load_latest, save_checkpoint, set_aside
+from .config import ConfigError, TrainConfig, load_config_file
 from .data import TokenWindows, eval_batches, global_batches
-from .engine import Accumulator
+from .engine import Accumulator, NonFiniteError
 from .progress import Progress
-from .runlog import RunLog, plot_losses
+from .runlog import RunLog, plot_losses, read_metrics
+from .runstate import Position, StopSignals, capture, checkpoint_name, restore
 from .workload import Workload, build_workload, lm_loss, load_data, make_optimizer, make_scheduler
 
-__all__ = ["RUN_FILES", "TrainResult", "check_out_dir", "evaluate", "train"]
+__all__ = ["RUN_FILES", "RunStopped", "TrainResult", "check_out_dir", "evaluate",
+           "load_run_config", "train"]
 
 # The files a run writes; --overwrite replaces these and nothing else.
-RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "model.safetensors", "loss.png", "tb")
+RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "model.safetensors", "loss.png", "tb",
+             "checkpoints")
 
 
 @dataclass(frozen=True)
@@ -103,36 +108,23 @@ def _eval_due(step: int, config: TrainConfig) -> bool:
     return step == config.steps or (config.eval_every > 0 and step % config.eval_every == 0)
 
 
-def train(config: TrainConfig, *, stream: TextIO | None = None,
-          data: tuple[TokenWindows, TokenWindows] | None = None) -> TrainResult:
-    """Train the default workload as ``config`` says and write the run folder.
+class RunStopped(Exception):
+    """The run stopped early (a signal, or a non-finite loss with ``--on-nonfinite stop``) after
+    writing a checkpoint; ``exit_code`` is what the command should exit with."""
 
-    Everything that can be wrong with the input (config, data, output folder) is checked before
-    anything is written.
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
-    Returns:
-        :class:`TrainResult`.
 
-    Raises:
-        BigBatchError: bad configuration, data or output folder (nothing written).
-    """
-    stream = stream if stream is not None else sys.stderr
+def _start_run_folder(out: Path, config: TrainConfig, work: Workload) -> None:
     plan = config.plan()
-    out = Path(config.out) if config.out else default_out_dir()
-    check_out_dir(out, config.overwrite)
-    data = data if data is not None else load_data(config)
-    work = build_workload(config, data)
-    opt = make_optimizer(work.model, config)
-    sched = make_scheduler(opt, config)
-    acc = Accumulator(work.model, opt, scheduler=sched, clip_grad_norm=config.clip_norm,
-                      precision=config.precision)  # type: ignore[arg-type]
-
     out.mkdir(parents=True, exist_ok=True)
     if config.overwrite:
         _clear_run_files(out)
     resolved = {**config.to_dict(), "global_batch": plan.global_batch,
                 "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
-                "out": str(out)}
+                "out": str(out), "overwrite": False}
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     (out / "run.json").write_text(json.dumps({
         "bigbatch": __version__, "torch": torch.__version__, "python": platform.python_version(),
@@ -142,38 +134,156 @@ def train(config: TrainConfig, *, stream: TextIO | None = None,
         "parameters": sum(p.numel() for p in set(work.model.parameters())),
     }, indent=2) + "\n")
 
-    log = RunLog(out)
-    progress = Progress(config.steps, stream)
+
+def _last_train_loss(metrics: Path) -> float:
+    losses = [r["loss"] for r in read_metrics(metrics) if r["kind"] == "train"]
+    return losses[-1] if losses and losses[-1] is not None else math.nan
+
+
+def train(config: TrainConfig, *, resume: bool = False, stream: TextIO | None = None,
+          data: tuple[TokenWindows, TokenWindows] | None = None) -> TrainResult:
+    """Train the default workload as ``config`` says and write the run folder.
+
+    Everything that can be wrong with the input (config, data, output folder) is checked before
+    anything is written. With ``resume``, ``config.out`` must hold a run: it continues from the
+    newest checkpoint that verifies (mid-cycle included), so the final weights are bitwise those
+    of an uninterrupted run on the same machine.
+
+    Returns:
+        :class:`TrainResult`.
+
+    Raises:
+        BigBatchError: bad configuration, data, output folder or checkpoints (nothing written).
+        RunStopped: stopped by SIGINT/SIGTERM or a non-finite loss, after a checkpoint.
+    """
+    stream = stream if stream is not None else sys.stderr
+    plan = config.plan()
+    out = Path(config.out) if config.out else default_out_dir()
+    if not resume:
+        check_out_dir(out, config.overwrite)
+    data = data if data is not None else load_data(config)
+    work = build_workload(config, data)
+    opt = make_optimizer(work.model, config)
+    sched = make_scheduler(opt, config)
+    acc = Accumulator(work.model, opt, scheduler=sched, clip_grad_norm=config.clip_norm,
+                      precision=config.precision,  # type: ignore[arg-type]
+                      on_nonfinite="raise" if config.on_nonfinite == "stop" else "skip")
+    ckpt_root, metrics = out / "checkpoints", out / "metrics.jsonl"
+    position = Position(0, 0, 0)
+    notes: list[str] = []
+    if resume:
+        found = load_latest(ckpt_root)
+        if found is None:
+            raise ConfigError(f"--resume {out}: no checkpoint in {ckpt_root}; start a new run")
+        path, state, rejected = found
+        for bad, why in rejected:  # the run will write these names again: keep them, aside
+            notes.append(f"checkpoint {bad.name} is unusable ({why}); moved to "
+                         f"{set_aside(bad).name}, falling back")
+        try:
+            position = restore(state, work.model, opt, sched, acc)
+        except CheckpointError as err:
+            raise CheckpointError(f"--resume {out}: {path.name}: {err}") from None
+        notes += _rewind_metrics(metrics, position.metrics_bytes)
+        notes.append(f"resuming from {path.name}: step {position.step}, micro-batch "
+                     f"{position.micro}/{plan.accum_steps}")
+    else:
+        _start_run_folder(out, config, work)
+
+    def save(step: int, micro: int) -> Path:
+        where = Position(step, micro, metrics.stat().st_size)
+        return save_checkpoint(ckpt_root, checkpoint_name(step, micro),
+                               capture(where, work.model, opt, sched, acc), keep=config.keep)
+
+    log = RunLog(out, purge_step=position.step + 1 if resume else None)
+    progress = Progress(config.steps, stream, start=position.step)
+    for note in notes:
+        progress.write(note)
     progress.write(
         f"training {sum(p.numel() for p in set(work.model.parameters())):,} parameters on "
         f"{work.device}: {config.steps} steps of global batch {plan.global_batch} = "
         f"{plan.accum_steps} micro-batches of {plan.micro_batch} × {config.seq_len} bytes"
     )
-    batches = global_batches(len(work.train), plan.global_batch, config.seed)
-    stats = None
+    batches = global_batches(len(work.train), plan.global_batch, config.seed,
+                             start_step=position.step)
+    step, first_micro, k = position.step, position.micro, plan.accum_steps
     val_loss = math.nan
     start = time.perf_counter()
     try:
-        for step in range(1, config.steps + 1):
-            batch = work.to_device(work.train.batch(next(batches)))
-            stats = acc.step(plan.split(batch), lm_loss)
-            tokens_per_s = stats.count / stats.seconds if stats.seconds > 0 else 0.0
-            log.train(stats, step, tokens_per_s)
-            note = f" | skipped: {stats.skip_reason}" if stats.skipped else ""
-            progress.update(step, stats.loss, tokens_per_s, stats.lr, note)
-            if _eval_due(step, config):
-                val_loss, val_items = evaluate(work, config.eval_samples, plan.micro_batch,
-                                               acc.precision.autocast)
-                log.eval(step, val_loss, val_items)
-                progress.write(f"step {step}: validation loss {val_loss:.4f} "
-                               f"(uniform {math.log(256):.2f})")
+        with StopSignals() as signals:
+            while step < config.steps:
+                micro_batches = plan.split(work.to_device(work.train.batch(next(batches))))
+                for i in range(first_micro, len(micro_batches)):
+                    acc.accumulate(micro_batches[i], lm_loss)
+                    if signals.received:
+                        _stop(signals.received, save(step, i + 1), out, step, i + 1, k)
+                    every = config.save_every_micro
+                    if every and (step * k + i + 1) % every == 0 and i + 1 < k:
+                        save(step, i + 1)
+                first_micro = 0
+                try:
+                    stats = acc.finish()
+                except NonFiniteError as e:
+                    path = save(step, 0)
+                    raise RunStopped(f"stopped: {e}. The last good state is in {path}", 1) from e
+                step += 1
+                tokens_per_s = stats.count / stats.seconds if stats.seconds > 0 else 0.0
+                log.train(stats, step, tokens_per_s)
+                note = f" | skipped: {stats.skip_reason}" if stats.skipped else ""
+                progress.update(step, stats.loss, tokens_per_s, stats.lr, note)
+                if _eval_due(step, config):
+                    val_loss, val_items = evaluate(work, config.eval_samples, plan.micro_batch,
+                                                   acc.precision.autocast)
+                    log.eval(step, val_loss, val_items)
+                    progress.write(f"step {step}: validation loss {val_loss:.4f} "
+                                   f"(uniform {math.log(256):.2f})")
+                if signals.received:
+                    _stop(signals.received, save(step, 0), out, step, 0, k)
+                if config.save_every and step % config.save_every == 0 and step < config.steps:
+                    save(step, 0)
+            if not (ckpt_root / checkpoint_name(step, 0)).exists():
+                save(step, 0)  # the clean stop
     finally:
         progress.close()
         log.close()
+    if math.isnan(val_loss):  # resumed after the last step: report the final weights anyway
+        val_loss, _ = evaluate(work, config.eval_samples, plan.micro_batch,
+                               acc.precision.autocast)
     save_model(work.model, str(out / "model.safetensors"))
-    plot_losses(out / "metrics.jsonl", out / "loss.png",
+    plot_losses(metrics, out / "loss.png",
                 title=f"bigbatch train: global batch {plan.global_batch} = "
                       f"{plan.accum_steps} micro-batches of {plan.micro_batch}")
-    assert stats is not None
-    return TrainResult(out=out, steps=config.steps, final_train_loss=stats.loss,
+    return TrainResult(out=out, steps=config.steps, final_train_loss=_last_train_loss(metrics),
                        final_val_loss=val_loss, seconds=time.perf_counter() - start)
+
+
+def _rewind_metrics(metrics: Path, size: int) -> list[str]:
+    """Drop metric lines written after the checkpoint (they will be written again)."""
+    if not metrics.is_file():
+        metrics.touch()
+        return [f"{metrics.name} was missing; it restarts at the checkpoint's step"]
+    if metrics.stat().st_size < size:  # truncate() would pad with NUL bytes
+        return [f"{metrics.name} is shorter than at the checkpoint; kept as it is"]
+    with metrics.open("r+b") as f:
+        f.truncate(size)
+    return []
+
+
+def _stop(signum: int, path: Path, out: Path, step: int, micro: int, k: int) -> NoReturn:
+    name = signal.Signals(signum).name
+    raise RunStopped(
+        f"stopped by {name} at step {step}, micro-batch {micro}/{k}; checkpoint {path}; "
+        f"resume with: bigbatch train --resume {out}", 128 + signum)
+
+
+def load_run_config(out: Path) -> TrainConfig:
+    """The configuration a run folder was started with (for ``--resume``).
+
+    Raises:
+        ConfigError: the folder or its ``config.yaml`` is missing or unreadable.
+    """
+    path = out / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume {out}: no config.yaml there; give the folder of a run")
+    values = load_config_file(path)
+    values["out"] = str(out)
+    return TrainConfig(**values)

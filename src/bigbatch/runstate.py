@@ -1,0 +1,140 @@
+"""Capture and restore a training run's whole state, mid-cycle included, and catch stop signals.
+
+A checkpoint holds: model, optimizer, scheduler and accumulator state (the partial gradient, loss
+sum and item count of a cycle in flight), every RNG (Python, NumPy when installed, torch, CUDA),
+the data position (optimizer step and micro-batch within the cycle) and how many bytes of
+``metrics.jsonl`` belong to it. The files themselves are written by :mod:`bigbatch.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import torch
+
+from .checkpoint import CheckpointError
+from .engine import Accumulator
+
+__all__ = ["Position", "StopSignals", "capture", "checkpoint_name", "restore"]
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a run stands: ``step`` optimizer steps finished, ``micro`` micro-batches of the next
+    cycle accumulated, and the length of ``metrics.jsonl`` at that moment."""
+
+    step: int
+    micro: int
+    metrics_bytes: int
+
+
+def checkpoint_name(step: int, micro: int) -> str:
+    """Names sort chronologically: ``step-00000012-micro-0003``."""
+    return f"step-{step:08d}-micro-{micro:04d}"
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                          int(has_gauss), float(gauss)]
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        try:
+            import numpy as np
+        except ImportError:
+            return
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def capture(position: Position, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: Any, acc: Accumulator) -> dict[str, Any]:
+    """The state tree of a checkpoint (tensors are referenced, the writer copies them)."""
+    return {
+        "format": FORMAT_VERSION,
+        "step": position.step,
+        "micro": position.micro,
+        "metrics_bytes": position.metrics_bytes,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "accumulator": acc.state_dict(),
+        "rng": _rng_state(),
+    }
+
+
+def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: Any, acc: Accumulator) -> Position:
+    """Load a checkpoint's state tree into freshly built objects; returns the data position.
+
+    Raises:
+        CheckpointError: the state is of another format version or does not fit these objects
+            (another model shape, optimizer or accumulation plan).
+    """
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"run state format {got!r} is not {FORMAT_VERSION}; resume it with "
+                              "the bigbatch version that wrote it")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        acc.load_state_dict(state["accumulator"])
+        _set_rng_state(state["rng"])
+        return Position(int(state["step"]), int(state["micro"]), int(state["metrics_bytes"]))
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
+        what = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"the checkpoint does not fit this run ({type(err).__name__}: "
+                              f"{what}); was config.yaml edited after it was written?") from None
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a request to stop after the current micro-batch.
+
+    A second signal of the same kind acts immediately (the previous handler is back in place).
+    Outside the main thread, where handlers cannot be installed, it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()

@@ -1,0 +1,228 @@
+"""Crash-safe training: kills at random moments, signals, corrupt checkpoints, bad numbers."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bigbatch.trainer as trainer
+from bigbatch.checkpoint import list_checkpoints, load_checkpoint
+from bigbatch.config import TrainConfig
+from bigbatch.loss import LossSum
+
+TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "32",
+        "--eval-samples", "8", "--eval-every", "10", "--device", "cpu", "--global-batch", "8",
+        "--micro-batch", "2", "--warmup", "2"]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_bytes((stdlib / "textwrap.py").read_bytes())
+    return path
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bigbatch", "train", *args]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def train_losses(out: Path) -> list[float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def assert_bitwise_equal(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert train_losses(a) == train_losses(b)
+
+
+def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path: Path,
+                                                                  text: Path) -> None:
+    args = ["--data", str(text), "--steps", "24", "--save-every-micro", "1", "--keep", "2",
+            *TINY]
+    ref = tmp_path / "ref"
+    t0 = time.perf_counter()
+    done = subprocess.run(command(*args, "--out", str(ref)), capture_output=True, text=True)
+    total = time.perf_counter() - t0
+    assert done.returncode == 0, done.stderr
+
+    out = tmp_path / "killed"
+    rng = random.Random(20261122)
+    kills = 0
+    while kills < 10:
+        fresh = not list_checkpoints(out / "checkpoints")
+        cmd = command(*args, "--out", str(out), "--overwrite") if fresh else command(
+            "--resume", str(out))
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        time.sleep(rng.uniform(0.2 * total, 1.1 * total))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        _, err = proc.communicate()
+        assert proc.returncode in (0, -signal.SIGKILL), err
+    if (out / "model.safetensors").exists() and not list_checkpoints(out / "checkpoints"):
+        pytest.fail("a finished run without checkpoints")
+    final = subprocess.run(command("--resume", str(out)), capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert_bitwise_equal(out, ref)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_with_checkpoint_and_resume_line(tmp_path: Path, text: Path,
+                                                      sig: signal.Signals) -> None:
+    args = ["--data", str(text), "--steps", "400", *TINY]
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(*args, "--out", str(out)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").stat().st_size:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    last = err.strip().splitlines()[-1]
+    assert f"stopped by {sig.name}" in last and f"bigbatch train --resume {out}" in last
+    assert list_checkpoints(out / "checkpoints")
+    assert not (out / "model.safetensors").exists()
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_stays_exact(tmp_path: Path,
+                                                              text: Path) -> None:
+    base = ["--data", str(text), "--save-every", "2", "--keep", "3", *TINY]
+    ref = tmp_path / "ref"
+    assert subprocess.run(command(*base, "--steps", "6", "--out", str(ref)),
+                          capture_output=True).returncode == 0
+    out = tmp_path / "run"
+    assert subprocess.run(command(*base, "--steps", "6", "--out", str(out)),
+                          capture_output=True).returncode == 0
+    (out / "model.safetensors").unlink()
+    ckpts = list_checkpoints(out / "checkpoints")
+    assert [c.name for c in ckpts] == ["step-00000002-micro-0000", "step-00000004-micro-0000",
+                                       "step-00000006-micro-0000"]
+    tensors = ckpts[-1] / "tensors.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    (ckpts[-2] / "manifest.json").unlink()
+    r = subprocess.run(command("--resume", str(out)), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "step-00000006-micro-0000 is unusable" in r.stderr and "checksum" in r.stderr
+    assert "resuming from step-00000002-micro-0000" in r.stderr
+    assert_bitwise_equal(out, ref)
+    # the damaged ones were moved aside, not deleted, and good ones were written in their place
+    aside = sorted(p.name for p in (out / "checkpoints").glob(".rejected-*"))
+    assert [n.rsplit("-", 1)[0] for n in aside] == [".rejected-step-00000004-micro-0000",
+                                                   ".rejected-step-00000006-micro-0000"]
+    assert [c.name for c in list_checkpoints(out / "checkpoints")] == [
+        c.name for c in list_checkpoints(ref / "checkpoints")]
+
+
+def test_resume_errors(tmp_path: Path, text: Path) -> None:
+    r = subprocess.run(command("--resume", str(tmp_path / "none")), capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "no config.yaml there" in r.stderr
+    r = subprocess.run(command("--resume", str(tmp_path), "--steps", "5"), capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "drop --steps" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _config(text: Path, out: Path, **kw) -> TrainConfig:
+    return TrainConfig(data=str(text), out=str(out), n_layer=1, d_model=32, n_head=2,
+                       seq_len=32, global_batch=8, micro_batch=2, eval_samples=8, device="cpu",
+                       **kw)
+
+
+def _nan_at(step_to_poison: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the loss of one micro-batch of optimizer step ``step_to_poison`` (1-based) NaN."""
+    calls = {"n": 0}
+    real = trainer.lm_loss
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        ls = real(model, batch)
+        if (calls["n"] - 1) // 4 + 1 == step_to_poison and calls["n"] % 4 == 2:
+            return LossSum(ls.sum * float("nan"), ls.count)
+        return ls
+
+    monkeypatch.setattr(trainer, "lm_loss", poisoned)
+
+
+def test_nonfinite_skip_leaves_the_step_out(tmp_path: Path, text: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    _nan_at(3, monkeypatch)
+    out = tmp_path / "run"
+    trainer.train(_config(text, out, steps=5, save_every=1, keep=10),
+                  stream=open("/dev/null", "w"))
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert [r["skipped"] for r in train] == [False, False, True, False, False]
+    assert train[2]["skip_reason"] == "non-finite loss"
+    # step 3 changed nothing: weights, optimizer moments and scheduler as after step 2 ...
+    after = [load_checkpoint(c) for c in list_checkpoints(out / "checkpoints")]
+    two, three, four = after[1], after[2], after[3]
+    assert two["step"] == 2 and three["step"] == 3
+    for part in ("model", "optimizer", "scheduler"):
+        assert _same(two[part], three[part]), part
+    # ... and step 4 did train
+    assert not _same(three["model"], four["model"])
+
+
+def _same(a, b) -> bool:
+    """Bitwise equality of two nested states."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_nonfinite_stop_saves_last_good_state(tmp_path: Path, text: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    _nan_at(3, monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(trainer.RunStopped, match="stopped: non-finite loss") as e:
+        trainer.train(_config(text, out, steps=5, on_nonfinite="stop"),
+                      stream=open("/dev/null", "w"))
+    assert e.value.exit_code == 1
+    assert [c.name for c in list_checkpoints(out / "checkpoints")] == [
+        "step-00000002-micro-0000"]
+    # the saved weights are those after step 2: a clean run of 2 steps gives the same
+    monkeypatch.undo()
+    trainer.train(_config(text, tmp_path / "two", steps=2), stream=open("/dev/null", "w"))
+    saved = load_checkpoint(list_checkpoints(out / "checkpoints")[0])["model"]
+    clean = weights(tmp_path / "two")
+    assert all(torch.equal(saved[k], clean[k]) for k in clean)
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path: Path, text: Path) -> None:
+    out = tmp_path / "run"
+    trainer.train(_config(text, out, steps=2), stream=open("/dev/null", "w"))
+    cfg = out / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("d_model: 32", "d_model: 64"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = subprocess.run(command("--resume", str(out)), capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "does not fit this run" in r.stderr and "config.yaml edited" in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
