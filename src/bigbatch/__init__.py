@@ -13,6 +13,8 @@ from .errors import BigBatchError as BigBatchError
 from .errors import LossError as LossError
 from .loss import LossSum as LossSum
 from .loss import token_cross_entropy as token_cross_entropy
+from .parallel import DistributedError as DistributedError
+from .parallel import GradSync as GradSync
 from .plan import BatchPlan as BatchPlan
 
 __version__ = "0.1.0"
@@ -23,6 +25,8 @@ __all__ = [
     "BatchPlan",
     "BatchPlanError",
     "BigBatchError",
+    "DistributedError",
+    "GradSync",
     "LossError",
     "LossSum",
     "NonFiniteError",

@@ -31,6 +31,7 @@ import torch
 
 from .errors import BigBatchError, LossError
 from .loss import LossSum
+from .parallel import GradSync, SyncMode
 from .precision import Precision, PrecisionPolicy
 
 __all__ = ["Accumulator", "BatchNormWarning", "NonFiniteError", "StepStats"]
@@ -92,6 +93,10 @@ class Accumulator:
         on_nonfinite: a NaN/inf loss or gradient ``"skip"``\\ s the step (weights, optimizer state
             and scheduler untouched; reported in :class:`StepStats`) or ``"raise"``\\ s
             :class:`NonFiniteError`. fp16 overflow always skips: the loss scale is then lowered.
+        sync: for a DDP or FSDP2 model, ``"cycle"`` syncs gradients once per optimizer step (on
+            the cycle's last micro-batch); ``"micro"`` after every micro-batch (FSDP2: sharded
+            gradients only, less memory). Ignored outside a process group; see
+            :mod:`bigbatch.parallel`.
 
     Raises:
         BigBatchError: an argument is out of range (see the message).
@@ -109,6 +114,7 @@ class Accumulator:
         clip_grad_norm: float | None = None,
         precision: Precision = "fp32",
         on_nonfinite: OnNonFinite = "skip",
+        sync: SyncMode = "cycle",
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise BigBatchError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -134,6 +140,8 @@ class Accumulator:
         self.on_nonfinite: OnNonFinite = on_nonfinite
         self.device = param.device
         self.precision = PrecisionPolicy(precision, model, self.device)
+        self.sync = GradSync(model, sync)
+        self._synced = False  # did the cycle's latest micro-batch sync gradients across ranks?
         self.steps_taken = 0
         self.steps_skipped = 0
         self._prescale: float | None = None  # see the module docstring
@@ -153,22 +161,42 @@ class Accumulator:
 
         Returns:
             :class:`StepStats` of the step. If anything raises, the partial cycle is discarded.
+
+        Raises:
+            DistributedError: in a process group, the ranks hold different numbers of
+                micro-batches (raised on every rank, before any gradient collective).
+
+        In a process group the micro-batches are counted first (an iterator is read into a list)
+        and the ranks agree on that count, so the gradient sync runs on the same micro-batch
+        everywhere and no rank waits forever for another.
         """
         try:
+            if self.sync.active:
+                micro_batches = list(micro_batches)
+                self.sync.agree_on_micro_batches(len(micro_batches), self.device)
             if self._prescale is None and isinstance(micro_batches, Sized):
                 self._expected_micro = max(len(micro_batches), 1)
-            for batch in micro_batches:
-                self.accumulate(batch, loss_fn)
+            n = len(micro_batches) if isinstance(micro_batches, Sized) else -1
+            for i, batch in enumerate(micro_batches):
+                self.accumulate(batch, loss_fn, last=i == n - 1)
             return self.finish()
         except BaseException:
             self.discard()
             raise
 
-    def accumulate(self, batch: Any, loss_fn: LossFn) -> LossSum:
+    def accumulate(self, batch: Any, loss_fn: LossFn, *, last: bool = False) -> LossSum:
         """Run one micro-batch: forward under autocast, backward on its (scaled) loss sum.
 
         The lower-level half of :meth:`step`, for loops that interleave other work between
         micro-batches; call :meth:`finish` after the cycle's last micro-batch.
+
+        Args:
+            batch: the micro-batch, passed to ``loss_fn``.
+            loss_fn: ``loss_fn(model, batch) -> LossSum``.
+            last: this is the cycle's final micro-batch. Only matters for a DDP/FSDP2 model:
+                its backward then syncs gradients across ranks. Every rank must pass the same
+                value. (Under DDP a cycle with no ``last=True`` is synced in :meth:`finish`
+                instead, without overlapping backward; under FSDP2 that is an error.)
 
         Returns:
             The :class:`LossSum` the loss function returned.
@@ -179,19 +207,28 @@ class Accumulator:
         if self._micro == 0:
             self._t0 = time.perf_counter()
             self.model.zero_grad(set_to_none=True)  # a cycle's gradient is its own, nothing else
-        with self.precision.autocast():
-            out = loss_fn(self.model, batch)
-        ls = _check_loss(out)
-        if self._prescale is None:  # first cycle ever: estimate the cycle's count (one sync)
-            self._prescale = 1.0 / (max(int(ls.count), 1) * self._expected_micro)
-        if ls.sum.requires_grad:
-            self.precision.scale(ls.sum * self._prescale).backward()
-            self.precision.collect()
-        elif not (isinstance(ls.count, int) and ls.count == 0):
-            raise LossError(
-                "loss_fn returned a LossSum whose sum carries no gradient (was it detached or "
-                "computed under torch.no_grad?); only an empty micro-batch (count 0) may do that"
-            )
+        with self.sync.micro_batch(last) as synced:
+            with self.precision.autocast():
+                out = loss_fn(self.model, batch)
+            ls = _check_loss(out)
+            if self._prescale is None:  # first cycle ever: estimate the cycle's count (one sync)
+                self._prescale = self._first_prescale(ls.count)
+            if ls.sum.requires_grad:
+                self.precision.scale(ls.sum * self._prescale).backward()
+                self.precision.collect()
+            elif self.sync.active:
+                raise LossError(
+                    "loss_fn returned a LossSum whose sum carries no gradient; under DDP/FSDP2 "
+                    "every micro-batch must backpropagate (the other ranks wait for its gradient "
+                    "sync): return a masked sum of the forward's output, which is 0 with a graph"
+                )
+            elif not (isinstance(ls.count, int) and ls.count == 0):
+                raise LossError(
+                    "loss_fn returned a LossSum whose sum carries no gradient (was it detached or "
+                    "computed under torch.no_grad?); only an empty micro-batch (count 0) may do "
+                    "that"
+                )
+        self._synced = synced
         self._loss_sum = self._loss_sum + ls.sum.detach().to(self._loss_sum.device, torch.float64)
         self._count = self._count + ls.count
         self._micro += 1
@@ -207,6 +244,12 @@ class Accumulator:
         Raises:
             NonFiniteError: a non-finite loss or gradient with ``on_nonfinite="raise"``.
         """
+        if self.sync.active:  # the cycle's totals over all ranks: one small all-reduce
+            totals = torch.stack([self._loss_sum, torch.as_tensor(
+                self._count, dtype=torch.float64, device=self._loss_sum.device)])
+            self._loss_sum, self._count = self.sync.all_reduce_sum(totals).unbind()
+            if self._micro and not self._synced:
+                self.sync.reduce_unsynced(self.precision.grads(self._params()))
         count = int(self._count)
         loss = float(self._loss_sum) / count if count else math.nan
         micro, lr, scale = self._micro, self._lr(), self.precision.loss_scale
@@ -267,7 +310,14 @@ class Accumulator:
         flight, also its partial gradient (each parameter's ``.grad`` and float32 buffer, cloned),
         its running loss sum and item count, so a resumed run continues the cycle bit for bit.
         Parameters are listed in ``model.parameters()`` order.
+
+        Raises:
+            BigBatchError: a cycle is in flight in a process group of more than one rank.
         """
+        if self._micro and self.sync.world_size > 1:
+            raise BigBatchError(
+                "state_dict() in the middle of a cycle is per rank under DDP/FSDP2 (each holds its "
+                "own partial gradient); take it between cycles, after finish()")
         scaler = self.precision.scaler
         state: dict[str, Any] = {
             "steps_taken": self.steps_taken,
@@ -328,8 +378,9 @@ class Accumulator:
         """
         grads = self.precision.grads(self._params())
         assert self._prescale is not None  # set by the cycle's first accumulate()
-        if grads:
-            torch._foreach_mul_(grads, 1.0 / (self._prescale * count))
+        if grads:  # DDP and FSDP2 averaged over ranks: undo that (see bigbatch.parallel)
+            world = self.sync.world_size if self.sync.active else 1
+            torch._foreach_mul_(grads, world / (self._prescale * count))
         self._prescale = 1.0 / count
         scaler = self.precision.scaler
         if scaler is not None:
@@ -342,8 +393,11 @@ class Accumulator:
             scaler.update()  # records the overflow and lowers the scale; no optimizer step
             return grad_norm, "fp16 overflow"
         if self.clip_grad_norm is not None and grads:
-            coef = torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0)
-            torch._foreach_mul_(grads, coef.to(grads[0].device))
+            if self.sync.kind == "fsdp2":  # sharded DTensor gradients: a Python scalar mixes in
+                torch._foreach_mul_(grads, min(1.0, self.clip_grad_norm / (grad_norm + 1e-6)))
+            else:
+                coef = torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0)
+                torch._foreach_mul_(grads, coef.to(grads[0].device))
         self.precision.write_back()
         if scaler is not None:
             scaler.step(self.optimizer)
@@ -353,6 +407,13 @@ class Accumulator:
         if self.scheduler is not None:
             self.scheduler.step()
         return grad_norm, None
+
+    def _first_prescale(self, count: int | torch.Tensor) -> float:
+        """``1 / estimated item count`` of the first cycle: the first micro-batch's count times
+        the micro-batches expected, summed over ranks so every rank uses the same constant."""
+        estimate = torch.tensor(float(max(int(count), 1) * self._expected_micro),
+                                dtype=torch.float64, device=self.device)
+        return 1.0 / float(self.sync.all_reduce_sum(estimate))
 
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -398,9 +459,15 @@ def _check_loss(out: object) -> LossSum:
 
 
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm over all gradient tensors, in the widest dtype among them."""
+    """L2 norm over all gradient tensors, in the widest dtype among them.
+
+    Sharded (DTensor) gradients of FSDP2 go through ``torch.nn.utils.get_total_norm``, which
+    combines the shards' partial norms across ranks.
+    """
     if not grads:
         return torch.zeros(())
+    if type(grads[0]).__name__ == "DTensor":
+        return torch.nn.utils.get_total_norm(grads).full_tensor()  # type: ignore[attr-defined]
     norms = torch._foreach_norm(grads)
     dtype = max((n.dtype for n in norms), key=lambda d: torch.finfo(d).bits)
     device = norms[0].device

@@ -1,0 +1,207 @@
+"""One rank of a multi-process test: ``python dist_worker.py CASE OUT_DIR`` with RANK, WORLD_SIZE
+and INIT_FILE in the environment (set by :func:`launch`). Each rank writes ``OUT_DIR/rank<r>.pt``
+(plain tensors and numbers) for the test to compare against a single-process truth."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from reference import TinyLM, lm_batch
+
+STEPS, K, MICRO, WORLD = 3, 3, 2, 2
+
+
+def data(world: int = WORLD, k: int = K) -> list[list[list[dict[str, torch.Tensor]]]]:
+    """``data[step][rank]``: that rank's K micro-batches; token counts differ a lot by rank."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(STEPS):
+        per_rank = []
+        for r in range(world):
+            lengths = [1, 2] if r == 0 else [12, 11]  # rank 0 holds far fewer tokens
+            per_rank.append([lm_batch(MICRO, lengths=lengths, generator=g) for _ in range(k)])
+        out.append(per_rank)
+    return out
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return TinyLM().double()
+
+
+def sgd(m: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9)
+
+
+def lm_sum(m: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    from bigbatch import token_cross_entropy
+
+    return token_cross_entropy(m(batch["input_ids"]), batch["labels"])
+
+
+def launch(case: str, out: Path, world: int = WORLD, timeout: float = 120) -> list[str]:
+    """Run ``case`` on ``world`` ranks; returns each rank's stderr. Fails on timeout (a hang)."""
+    init = out / "init"
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world),
+               "INIT_FILE": str(init), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, __file__, case, str(out)], env=env,
+                                      stderr=subprocess.PIPE, text=True))
+    errs = []
+    try:
+        for p in procs:
+            errs.append(p.communicate(timeout=timeout)[1])
+    finally:
+        for p in procs:
+            p.kill()
+    for p, err in zip(procs, errs):
+        assert p.returncode == 0, err
+    return errs
+
+
+# -- cases: each runs on every rank and returns what that rank saves -------------------------
+
+def _train(wrap: Callable[[torch.nn.Module], torch.nn.Module], sync: str = "cycle",
+           naive: bool = False) -> dict:
+    from bigbatch import Accumulator
+    from bigbatch.verify import naive_loss
+
+    rank = dist.get_rank()
+    net = wrap(model())
+    acc = Accumulator(net, sgd(net), clip_grad_norm=0.5, sync=sync)  # type: ignore[arg-type]
+    loss_fn = naive_loss(lm_sum) if naive else lm_sum
+    losses = []
+    for per_rank in data():
+        losses.append(acc.step(per_rank[rank], loss_fn).loss)
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in net.parameters()]
+    return {"params": [p.detach().clone() for p in params], "losses": losses}
+
+
+def _ddp(m: torch.nn.Module) -> torch.nn.Module:
+    return torch.nn.parallel.DistributedDataParallel(m)
+
+
+def _fsdp2(m: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in m.blocks.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    return m
+
+
+def case_ddp() -> dict:
+    return _train(_ddp)
+
+
+def case_ddp_naive() -> dict:
+    return _train(_ddp, naive=True)
+
+
+def case_fsdp2_cycle() -> dict:
+    return _train(_fsdp2, "cycle")
+
+
+def case_fsdp2_micro() -> dict:
+    return _train(_fsdp2, "micro")
+
+
+def _count_syncs(sync: str) -> dict:
+    """Which micro-batch each DDP gradient all-reduce (one comm-hook call per bucket) ran in."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from bigbatch import Accumulator
+
+    rank = dist.get_rank()
+    net = _ddp(model())
+    where: dict[str, int] = {"step": 0, "micro": 0}
+    calls: list[tuple[int, int]] = []
+
+    def hook(state, bucket):
+        calls.append((where["step"], where["micro"]))
+        return allreduce_hook(state, bucket)
+
+    net.register_comm_hook(None, hook)
+    acc = Accumulator(net, sgd(net), sync=sync)  # type: ignore[arg-type]
+
+    def counted(m, batch):
+        out = lm_sum(m, batch)
+        where["micro"] += 1
+        return out
+
+    for step, per_rank in enumerate(data()):
+        where["step"], where["micro"] = step, 0
+        acc.step(per_rank[rank], counted)
+    return {"calls": torch.tensor(calls)}
+
+
+def case_syncs_cycle() -> dict:
+    return _count_syncs("cycle")
+
+
+def case_syncs_micro() -> dict:
+    return _count_syncs("micro")
+
+
+def case_uneven() -> dict:
+    """Rank 1 has one micro-batch fewer: both ranks must stop with the same clear error."""
+    from bigbatch import Accumulator
+    from bigbatch.parallel import DistributedError
+
+    rank = dist.get_rank()
+    net = _ddp(model())
+    acc = Accumulator(net, sgd(net))
+    batches = data()[0][rank]
+    acc.step(batches, lm_sum)  # a good step first
+    try:
+        acc.step(batches[: K - rank], lm_sum)
+    except DistributedError as e:
+        return {"error": str(e)}
+    return {"error": ""}
+
+
+def case_refusals() -> dict:
+    """A plain module in a group, and an FSDP2 cycle that never synced, are refused clearly."""
+    from bigbatch import Accumulator
+    from bigbatch.parallel import DistributedError
+
+    out = {}
+    try:
+        plain = model()
+        Accumulator(plain, sgd(plain))
+    except DistributedError as e:
+        out["plain"] = str(e)
+    net = _fsdp2(model())
+    acc = Accumulator(net, sgd(net))
+    for b in data()[0][dist.get_rank()]:
+        acc.accumulate(b, lm_sum)  # no last=True
+    try:
+        acc.finish()
+    except DistributedError as e:
+        out["fsdp2_no_last"] = str(e)
+    return out
+
+
+def main() -> None:
+    case, out = sys.argv[1], Path(sys.argv[2])
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group("gloo", init_method=f"file://{os.environ['INIT_FILE']}",
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    try:
+        result = globals()[f"case_{case}"]()
+        torch.save(result, out / f"rank{dist.get_rank()}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

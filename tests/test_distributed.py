@@ -1,0 +1,106 @@
+"""DDP and FSDP2 on 2 CPU processes (gloo) against single-process full-batch training, float64."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_worker import STEPS, WORLD, K, data, launch, lm_sum, model, sgd
+from reference import RTOL, concat, full_batch_train, lm_mean_loss, max_rel_diff
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch without distributed")
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def results(case: str, tmp_path: Path) -> list[dict]:
+    launch(case, tmp_path)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def truth() -> torch.nn.Module:
+    """One process, one full-batch step per optimizer step on the union of all ranks' data."""
+    cycles = [[mb for per_rank in step for mb in per_rank] for step in data()]
+    return full_batch_train(model(), sgd, cycles, lm_mean_loss, clip=0.5)
+
+
+def truth_losses() -> list[float]:
+    """The full-batch mean loss of each step, along the same trajectory as :func:`truth`."""
+    m = model()
+    opt, out = sgd(m), []
+    for step in data():
+        batch = concat([mb for per_rank in step for mb in per_rank])
+        opt.zero_grad()
+        loss = lm_mean_loss(m, batch)
+        out.append(loss.item())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+        opt.step()
+    return out
+
+
+def test_data_is_uneven_across_ranks() -> None:
+    tokens = [[sum(int((mb["labels"] != -100).sum()) for mb in per_rank) for per_rank in step]
+              for step in data()]
+    assert all(t[1] > 5 * t[0] for t in tokens)  # what per-rank averaging would get wrong
+
+
+@pytest.mark.parametrize("case", ["ddp", "fsdp2_cycle", "fsdp2_micro"])
+def test_matches_single_process_full_batch(case: str, tmp_path: Path) -> None:
+    ranks = results(case, tmp_path)
+    ref = truth()
+    for r in ranks:
+        assert max_rel_diff(r["params"], list(ref.parameters())) <= RTOL
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
+    expected = truth_losses()
+    for r in ranks:  # every rank reports the global token mean
+        assert r["losses"] == pytest.approx(expected, rel=RTOL)
+
+
+def test_naive_recipe_under_ddp_differs(tmp_path: Path) -> None:
+    ranks = results("ddp_naive", tmp_path)
+    assert max_rel_diff(ranks[0]["params"], list(truth().parameters())) > 1e-3
+
+
+def test_one_gradient_all_reduce_per_optimizer_step(tmp_path: Path) -> None:
+    cycle = results("syncs_cycle", tmp_path)[0]["calls"].tolist()
+    micro = results("syncs_micro", tmp_path)[0]["calls"].tolist()
+    buckets = len(cycle) // STEPS
+    assert buckets >= 1 and len(cycle) == STEPS * buckets
+    assert all(m == K for _, m in cycle)  # all in the cycle's last micro-batch (counted 1..K)
+    assert sorted({s for s, _ in cycle}) == list(range(STEPS))
+    assert len(micro) == K * len(cycle)  # without no_sync: K rounds per step
+    assert sorted({m for _, m in micro}) == list(range(1, K + 1))
+
+
+def test_ranks_with_different_micro_batch_counts_stop_together(tmp_path: Path) -> None:
+    ranks = results("uneven", tmp_path)
+    for r in ranks:
+        assert "ranks disagree on this cycle's micro-batches" in r["error"]
+        assert "fewest 2, most 3" in r["error"]
+
+
+def test_unsupported_setups_are_refused(tmp_path: Path) -> None:
+    r = results("refusals", tmp_path)[0]
+    assert "plain TinyLM in a process group of 2 ranks" in r["plain"]
+    assert "DistributedDataParallel" in r["plain"]
+    assert "pass last=True" in r["fsdp2_no_last"]
+
+
+def test_single_process_without_group_is_unchanged() -> None:
+    from bigbatch import Accumulator
+
+    m = model()
+    acc = Accumulator(m, sgd(m), clip_grad_norm=0.5)
+    assert not acc.sync.active and acc.sync.world_size == 1
+    for step in data():
+        acc.step([mb for per_rank in step for mb in per_rank], lm_sum)
+    assert max_rel_diff(m, truth()) <= RTOL
