@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -9,6 +15,7 @@ import torch
 import torch.distributed as dist
 from dist_worker import STEPS, WORLD, K, data, launch, lm_sum, model, sgd
 from reference import RTOL, concat, full_batch_train, lm_mean_loss, max_rel_diff
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch without distributed")
 
@@ -104,3 +111,66 @@ def test_single_process_without_group_is_unchanged() -> None:
     for step in data():
         acc.step([mb for per_rank in step for mb in per_rank], lm_sum)
     assert max_rel_diff(m, truth()) <= RTOL
+
+
+# -- bigbatch train under torchrun ------------------------------------------------------------
+
+TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "32",
+        "--eval-samples", "8", "--eval-every", "10", "--device", "cpu", "--global-batch", "16",
+        "--micro-batch", "2", "--warmup", "2", "--dtype", "float64"]
+
+
+def bigbatch(*args: str, world: int = 1) -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc-per-node={world}"] if world > 1 else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, "-m", "bigbatch", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def weights(out: Path) -> list[torch.Tensor]:
+    w = load_file(str(out / "model.safetensors"))
+    return [w[k] for k in sorted(w)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_bytes((Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_bytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+    out = tmp_path_factory.mktemp("one") / "run"
+    r = bigbatch("train", "--data", str(corpus), "--steps", "4", "--out", str(out), *TINY)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_torchrun_is_world_size_invariant_and_resumes(parallel: str, tmp_path: Path,
+                                                      corpus: Path, one_process: Path) -> None:
+    """2 ranks × K=4 end where 1 process × K=8 does; a resume of the 2-rank run too."""
+    out = tmp_path / "run"
+    r = bigbatch("train", "--data", str(corpus), "--steps", "4", "--save-every", "2",
+                 "--out", str(out), "--parallel", parallel, *TINY, world=2)
+    assert r.returncode == 0, r.stderr
+    assert "× 2 ranks" in r.stderr and r.stdout.count("run folder:") == 1  # rank 0 speaks
+    assert json.loads((out / "run.json").read_text())["accum_steps"] == 4
+    assert max_rel_diff(weights(out), weights(one_process)) <= RTOL
+    # lose the last checkpoint and the weights, and resume on 2 ranks from step 2
+    shutil.rmtree(out / "checkpoints" / "step-00000004-micro-0000")
+    (out / "model.safetensors").unlink()
+    r = bigbatch("train", "--resume", str(out), world=2)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from step-00000002-micro-0000" in r.stderr
+    assert max_rel_diff(weights(out), weights(one_process)) <= RTOL
+
+
+def test_torchrun_refuses_mid_cycle_checkpoints(tmp_path: Path, corpus: Path) -> None:
+    r = bigbatch("train", "--data", str(corpus), "--steps", "2", "--save-every-micro", "1",
+                 "--out", str(tmp_path / "run"), *TINY, world=2)
+    assert r.returncode != 0
+    assert "mid-cycle checkpoints are for one process" in r.stderr
+    assert not (tmp_path / "run").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -108,8 +109,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(config, resume=args.resume is not None)
     except RunStopped as stop:
-        print(f"bigbatch: {stop}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            print(f"bigbatch: {stop}", file=sys.stderr)
         return stop.exit_code
+    if not result.main:
+        return 0
     print(f"final validation loss {result.final_val_loss:.4f} nats/byte "
           f"(uniform: 5.55); training loss {result.final_train_loss:.4f}; "
           f"{result.steps} steps in {result.seconds:.0f}s")
@@ -216,7 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--steps must be positive, got {getattr(args, name)}")
         return args.func(args)
     except BigBatchError as e:
-        print(f"bigbatch: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+        who = "" if rank == "0" else f" (rank {rank})"
+        print(f"bigbatch{who}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("bigbatch: interrupted", file=sys.stderr)

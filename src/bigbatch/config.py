@@ -79,6 +79,12 @@ class TrainConfig:
     n_layer: int = _opt("transformer blocks", default=4)
     n_head: int = _opt("attention heads", default=4)
     d_model: int = _opt("model width", default=128)
+    batchnorm: str = _opt(
+        "a model with BatchNorm layers: warn, convert them to GroupNorm, freeze their statistics, "
+        "pool their running statistics over each optimizer step, or refuse it (the default GPT "
+        "has none)", default="warn",
+        meta={"choices": ("warn", "convert", "freeze", "pooled", "error")},
+    )
     save_every: int = _opt("checkpoint every N optimizer steps (0: only when stopping)",
                            default=100)
     save_every_micro: int = _opt("also checkpoint every M micro-batches, mid-cycle (0: off)",
@@ -87,6 +93,15 @@ class TrainConfig:
     on_nonfinite: str = _opt(
         "a NaN/inf loss or gradient skips that optimizer step, or stops the run with a checkpoint",
         default="skip", meta={"choices": ("skip", "stop")},
+    )
+    parallel: str = _opt(
+        "under torchrun: DistributedDataParallel, or FSDP2 (fully_shard per block)",
+        default="ddp", meta={"choices": ("ddp", "fsdp2")},
+    )
+    grad_sync: str = _opt(
+        "under torchrun: sync gradients once per optimizer step, or after every micro-batch "
+        "(FSDP2: less memory, K times the communication)",
+        default="cycle", meta={"choices": ("cycle", "micro")},
     )
     out: str | None = _opt("run folder (default: runs/<date>-<time>)", default=None)
     device: str = _opt("cpu, cuda, cuda:N, or auto", default="auto")

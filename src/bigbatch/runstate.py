@@ -70,16 +70,43 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
+def model_state(model: torch.nn.Module, *, fsdp: bool = False) -> dict[str, torch.Tensor]:
+    """``model.state_dict()``; under FSDP2 the full (unsharded) tensors, gathered on every rank
+    (a collective: all ranks must call it)."""
+    if not fsdp:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+def _optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     fsdp: bool) -> dict[str, Any]:
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True))
+
+
 def capture(position: Position, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, acc: Accumulator) -> dict[str, Any]:
-    """The state tree of a checkpoint (tensors are referenced, the writer copies them)."""
+            scheduler: Any, acc: Accumulator, *, fsdp: bool = False) -> dict[str, Any]:
+    """The state tree of a checkpoint (tensors are referenced, the writer copies them).
+
+    With ``fsdp`` the model and optimizer states are gathered to full tensors: every rank must
+    call it, and every rank gets the whole state.
+    """
     return {
         "format": FORMAT_VERSION,
         "step": position.step,
         "micro": position.micro,
         "metrics_bytes": position.metrics_bytes,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state(model, fsdp=fsdp),
+        "optimizer": _optimizer_state(model, optimizer, fsdp),
         "scheduler": scheduler.state_dict(),
         "accumulator": acc.state_dict(),
         "rng": _rng_state(),
@@ -87,7 +114,7 @@ def capture(position: Position, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, acc: Accumulator) -> Position:
+            scheduler: Any, acc: Accumulator, *, fsdp: bool = False) -> Position:
     """Load a checkpoint's state tree into freshly built objects; returns the data position.
 
     Raises:
@@ -99,8 +126,15 @@ def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.opti
         raise CheckpointError(f"run state format {got!r} is not {FORMAT_VERSION}; resume it with "
                               "the bigbatch version that wrote it")
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp:  # full tensors in the file; each rank keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         acc.load_state_dict(state["accumulator"])
         _set_rng_state(state["rng"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import shutil
 import signal
@@ -18,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn, TextIO
 
@@ -31,10 +32,20 @@ from .checkpoint import CheckpointError, load_latest, save_checkpoint, set_aside
 from .config import ConfigError, TrainConfig, load_config_file
 from .data import TokenWindows, eval_batches, global_batches
 from .engine import Accumulator, NonFiniteError
+from .launch import Ranks, setup, wrap_model
+from .plan import BatchPlan
 from .progress import Progress
 from .runlog import RunLog, plot_losses, read_metrics
-from .runstate import Position, StopSignals, capture, checkpoint_name, restore
-from .workload import Workload, build_workload, lm_loss, load_data, make_optimizer, make_scheduler
+from .runstate import Position, StopSignals, capture, checkpoint_name, model_state, restore
+from .workload import (
+    Workload,
+    build_model,
+    build_workload,
+    lm_loss,
+    load_data,
+    make_optimizer,
+    make_scheduler,
+)
 
 __all__ = ["RUN_FILES", "RunStopped", "TrainResult", "check_out_dir", "evaluate",
            "load_run_config", "train"]
@@ -50,6 +61,7 @@ class TrainResult:
 
     out: Path
     steps: int
+    main: bool  # rank 0 (or the only process): the one that reports
     final_train_loss: float
     final_val_loss: float
     seconds: float
@@ -117,21 +129,21 @@ class RunStopped(Exception):
         self.exit_code = exit_code
 
 
-def _start_run_folder(out: Path, config: TrainConfig, work: Workload) -> None:
-    plan = config.plan()
+def _start_run_folder(out: Path, config: TrainConfig, work: Workload, plan: BatchPlan) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if config.overwrite:
         _clear_run_files(out)
     resolved = {**config.to_dict(), "global_batch": plan.global_batch,
-                "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
+                "micro_batch": plan.micro_batch, "accum_steps": None,  # K follows the world
                 "out": str(out), "overwrite": False}
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     (out / "run.json").write_text(json.dumps({
         "bigbatch": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "device": str(work.device), "world_size": plan.world_size, "argv": sys.argv,
+        "device": str(work.device), "world_size": plan.world_size,
+        "accum_steps": plan.accum_steps, "argv": sys.argv,
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
         "train_samples": len(work.train), "val_samples": len(work.val),
-        "parameters": sum(p.numel() for p in set(work.model.parameters())),
+        "parameters": _count_parameters(work.model),
     }, indent=2) + "\n")
 
 
@@ -149,6 +161,9 @@ def train(config: TrainConfig, *, resume: bool = False, stream: TextIO | None = 
     newest checkpoint that verifies (mid-cycle included), so the final weights are bitwise those
     of an uninterrupted run on the same machine.
 
+    Under ``torchrun`` each rank trains on its share of every global batch (see
+    :mod:`bigbatch.launch`); rank 0 alone writes the run folder and shows progress.
+
     Returns:
         :class:`TrainResult`.
 
@@ -156,64 +171,97 @@ def train(config: TrainConfig, *, resume: bool = False, stream: TextIO | None = 
         BigBatchError: bad configuration, data, output folder or checkpoints (nothing written).
         RunStopped: stopped by SIGINT/SIGTERM or a non-finite loss, after a checkpoint.
     """
+    ranks, device_name = setup(config.device)
+    try:
+        return _train(config, ranks, device_name, resume, stream, data)
+    finally:
+        ranks.close()
+
+
+def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
+           stream: TextIO | None, data: tuple[TokenWindows, TokenWindows] | None) -> TrainResult:
+    main = ranks.main
     stream = stream if stream is not None else sys.stderr
-    plan = config.plan()
+    if not main:
+        stream = open(os.devnull, "w")  # noqa: SIM115 (closed with the process)
+    comm = torch.device(device_name if device_name.startswith("cuda") else "cpu")
+    plan = config.plan(world_size=ranks.world_size)
+    if ranks.world_size > 1 and config.save_every_micro:
+        raise ConfigError("--save-every-micro: mid-cycle checkpoints are for one process (each "
+                          "rank holds its own partial gradient); use --save-every under torchrun")
     out = Path(config.out) if config.out else default_out_dir()
     if not resume:
-        check_out_dir(out, config.overwrite)
-    data = data if data is not None else load_data(config)
-    work = build_workload(config, data)
+        ranks.together("checking --out", comm, lambda: check_out_dir(out, config.overwrite))
+    work = ranks.together("loading the data", comm, lambda: build_workload(
+        replace(config, device=device_name), data if data is not None else load_data(config)))
+    fsdp = ranks.world_size > 1 and config.parallel == "fsdp2"
+    net = wrap_model(work.model, config.parallel, ranks, list(work.model.blocks))
     opt = make_optimizer(work.model, config)
     sched = make_scheduler(opt, config)
-    acc = Accumulator(work.model, opt, scheduler=sched, clip_grad_norm=config.clip_norm,
+    acc = Accumulator(net, opt, scheduler=sched, clip_grad_norm=config.clip_norm,
                       precision=config.precision,  # type: ignore[arg-type]
-                      on_nonfinite="raise" if config.on_nonfinite == "stop" else "skip")
+                      on_nonfinite="raise" if config.on_nonfinite == "stop" else "skip",
+                      sync=config.grad_sync)  # type: ignore[arg-type]
     ckpt_root, metrics = out / "checkpoints", out / "metrics.jsonl"
     position = Position(0, 0, 0)
     notes: list[str] = []
     if resume:
-        found = load_latest(ckpt_root)
-        if found is None:
-            raise ConfigError(f"--resume {out}: no checkpoint in {ckpt_root}; start a new run")
-        path, state, rejected = found
-        for bad, why in rejected:  # the run will write these names again: keep them, aside
-            notes.append(f"checkpoint {bad.name} is unusable ({why}); moved to "
-                         f"{set_aside(bad).name}, falling back")
-        try:
-            position = restore(state, work.model, opt, sched, acc)
-        except CheckpointError as err:
-            raise CheckpointError(f"--resume {out}: {path.name}: {err}") from None
-        notes += _rewind_metrics(metrics, position.metrics_bytes)
-        notes.append(f"resuming from {path.name}: step {position.step}, micro-batch "
-                     f"{position.micro}/{plan.accum_steps}")
-    else:
-        _start_run_folder(out, config, work)
+        def load() -> Position:
+            found = load_latest(ckpt_root)
+            if found is None:
+                raise ConfigError(f"--resume {out}: no checkpoint in {ckpt_root}; start a new run")
+            path, state, rejected = found
+            try:
+                where = restore(state, work.model, opt, sched, acc, fsdp=fsdp)
+            except CheckpointError as err:
+                raise CheckpointError(f"--resume {out}: {path.name}: {err}") from None
+            if main:
+                for bad, why in rejected:  # the run will write these names again: set aside
+                    notes.append(f"checkpoint {bad.name} is unusable ({why}); moved to "
+                                 f"{set_aside(bad).name}, falling back")
+            notes.append(f"resuming from {path.name}: step {where.step}, micro-batch "
+                         f"{where.micro}/{plan.accum_steps}")
+            return where
+
+        position = ranks.together("loading the checkpoint", comm, load)
+        if main:
+            notes += _rewind_metrics(metrics, position.metrics_bytes)
+    elif main:
+        _start_run_folder(out, config, work, plan)
 
     def save(step: int, micro: int) -> Path:
-        where = Position(step, micro, metrics.stat().st_size)
-        return save_checkpoint(ckpt_root, checkpoint_name(step, micro),
-                               capture(where, work.model, opt, sched, acc), keep=config.keep)
+        where = Position(step, micro, metrics.stat().st_size if main else 0)
+        state = capture(where, work.model, opt, sched, acc, fsdp=fsdp)  # all ranks (FSDP2)
+        name = checkpoint_name(step, micro)
+        ranks.together("writing a checkpoint", comm, lambda: main and save_checkpoint(
+            ckpt_root, name, state, keep=config.keep))
+        return ckpt_root / name
 
-    log = RunLog(out, purge_step=position.step + 1 if resume else None)
+    log = RunLog(out, purge_step=position.step + 1 if resume else None) if main else None
     progress = Progress(config.steps, stream, start=position.step)
     for note in notes:
         progress.write(note)
+    where = f" × {ranks.world_size} ranks ({config.parallel})" if ranks.world_size > 1 else ""
     progress.write(
-        f"training {sum(p.numel() for p in set(work.model.parameters())):,} parameters on "
-        f"{work.device}: {config.steps} steps of global batch {plan.global_batch} = "
-        f"{plan.accum_steps} micro-batches of {plan.micro_batch} × {config.seq_len} bytes"
+        f"training {_count_parameters(work.model):,} parameters on {work.device}{where}: "
+        f"{config.steps} steps of global batch {plan.global_batch} = {plan.accum_steps} "
+        f"micro-batches of {plan.micro_batch} × {config.seq_len} bytes"
     )
     batches = global_batches(len(work.train), plan.global_batch, config.seed,
                              start_step=position.step)
+    share = slice(ranks.rank * plan.local_batch, (ranks.rank + 1) * plan.local_batch)
     step, first_micro, k = position.step, position.micro, plan.accum_steps
     val_loss = math.nan
     start = time.perf_counter()
     try:
         with StopSignals() as signals:
             while step < config.steps:
-                micro_batches = plan.split(work.to_device(work.train.batch(next(batches))))
+                rows = next(batches)[share]  # this rank's disjoint share of the global batch
+                micro_batches = plan.split(work.to_device(work.train.batch(rows)))
                 for i in range(first_micro, len(micro_batches)):
-                    acc.accumulate(micro_batches[i], lm_loss)
+                    acc.accumulate(micro_batches[i], lm_loss, last=i == len(micro_batches) - 1)
+                    if ranks.world_size > 1:
+                        continue  # ranks stop together, between optimizer steps (below)
                     if signals.received:
                         _stop(signals.received, save(step, i + 1), out, step, i + 1, k)
                     every = config.save_every_micro
@@ -227,33 +275,54 @@ def train(config: TrainConfig, *, resume: bool = False, stream: TextIO | None = 
                     raise RunStopped(f"stopped: {e}. The last good state is in {path}", 1) from e
                 step += 1
                 tokens_per_s = stats.count / stats.seconds if stats.seconds > 0 else 0.0
-                log.train(stats, step, tokens_per_s)
+                if log is not None:
+                    log.train(stats, step, tokens_per_s)
                 note = f" | skipped: {stats.skip_reason}" if stats.skipped else ""
                 progress.update(step, stats.loss, tokens_per_s, stats.lr, note)
                 if _eval_due(step, config):
                     val_loss, val_items = evaluate(work, config.eval_samples, plan.micro_batch,
                                                    acc.precision.autocast)
-                    log.eval(step, val_loss, val_items)
+                    if log is not None:
+                        log.eval(step, val_loss, val_items)
                     progress.write(f"step {step}: validation loss {val_loss:.4f} "
                                    f"(uniform {math.log(256):.2f})")
-                if signals.received:
-                    _stop(signals.received, save(step, 0), out, step, 0, k)
+                stop = signals.received
+                if ranks.world_size > 1 and not ranks.agree(stop is None, comm):
+                    stop = stop or signal.SIGTERM  # another rank was signalled
+                if stop:
+                    _stop(stop, save(step, 0), out, step, 0, k, ranks.world_size)
                 if config.save_every and step % config.save_every == 0 and step < config.steps:
                     save(step, 0)
             if not (ckpt_root / checkpoint_name(step, 0)).exists():
                 save(step, 0)  # the clean stop
     finally:
         progress.close()
-        log.close()
+        if log is not None:
+            log.close()
     if math.isnan(val_loss):  # resumed after the last step: report the final weights anyway
         val_loss, _ = evaluate(work, config.eval_samples, plan.micro_batch,
                                acc.precision.autocast)
-    save_model(work.model, str(out / "model.safetensors"))
-    plot_losses(metrics, out / "loss.png",
-                title=f"bigbatch train: global batch {plan.global_batch} = "
-                      f"{plan.accum_steps} micro-batches of {plan.micro_batch}")
-    return TrainResult(out=out, steps=config.steps, final_train_loss=_last_train_loss(metrics),
+    final = work.model
+    if fsdp:  # gather the shards (all ranks take part) into a plain copy on rank 0
+        weights = model_state(work.model, fsdp=True)
+        final = build_model(replace(config, device="cpu"), torch.device("cpu"))
+        if main:
+            final.load_state_dict(weights)
+    if main:
+        save_model(final, str(out / "model.safetensors"))
+        plot_losses(metrics, out / "loss.png",
+                    title=f"bigbatch train: global batch {plan.global_batch} = "
+                          f"{plan.accum_steps} micro-batches of {plan.micro_batch}"
+                          + (f" × {ranks.world_size} ranks" if ranks.world_size > 1 else ""))
+    ranks.agree(True, comm)  # rank 0 has written the run's files before anyone returns
+    return TrainResult(out=out, steps=config.steps, main=main,
+                       final_train_loss=_last_train_loss(metrics) if main else math.nan,
                        final_val_loss=val_loss, seconds=time.perf_counter() - start)
+
+
+def _count_parameters(model: torch.nn.Module) -> int:
+    """Parameters of the whole model (FSDP2 shards count at their full size)."""
+    return sum(p.numel() for p in set(model.parameters()))
 
 
 def _rewind_metrics(metrics: Path, size: int) -> list[str]:
@@ -268,11 +337,13 @@ def _rewind_metrics(metrics: Path, size: int) -> list[str]:
     return []
 
 
-def _stop(signum: int, path: Path, out: Path, step: int, micro: int, k: int) -> NoReturn:
+def _stop(signum: int, path: Path, out: Path, step: int, micro: int, k: int,
+          world: int = 1) -> NoReturn:
     name = signal.Signals(signum).name
+    how = f"torchrun --nproc-per-node {world} -m bigbatch train" if world > 1 else "bigbatch train"
     raise RunStopped(
         f"stopped by {name} at step {step}, micro-batch {micro}/{k}; checkpoint {path}; "
-        f"resume with: bigbatch train --resume {out}", 128 + signum)
+        f"resume with: {how} --resume {out}", 128 + signum)
 
 
 def load_run_config(out: Path) -> TrainConfig:
