@@ -4,6 +4,8 @@ Every loss is a sum and a count; the accumulated gradient is divided by the tota
 so K micro-batches give the update of one full batch.
 """
 
+from .batchnorm import FrozenBatchNorm as FrozenBatchNorm
+from .batchnorm import convert_batchnorm as convert_batchnorm
 from .engine import Accumulator as Accumulator
 from .engine import BatchNormWarning as BatchNormWarning
 from .engine import NonFiniteError as NonFiniteError
@@ -16,6 +18,7 @@ from .loss import token_cross_entropy as token_cross_entropy
 from .parallel import DistributedError as DistributedError
 from .parallel import GradSync as GradSync
 from .plan import BatchPlan as BatchPlan
+from .pooled import PooledBatchNorm as PooledBatchNorm
 
 __version__ = "0.1.0"
 
@@ -26,10 +29,13 @@ __all__ = [
     "BatchPlanError",
     "BigBatchError",
     "DistributedError",
+    "FrozenBatchNorm",
     "GradSync",
     "LossError",
     "LossSum",
     "NonFiniteError",
+    "PooledBatchNorm",
     "StepStats",
+    "convert_batchnorm",
     "token_cross_entropy",
 ]

@@ -31,13 +31,16 @@ import torch
 
 from .errors import BigBatchError, LossError
 from .loss import LossSum
+from .noise import MicroGradNorms, NoiseEstimate
 from .parallel import GradSync, SyncMode
+from .pooled import PooledBatchNorm
 from .precision import Precision, PrecisionPolicy
 
 __all__ = ["Accumulator", "BatchNormWarning", "NonFiniteError", "StepStats"]
 
 LossFn = Callable[[torch.nn.Module, Any], LossSum]
 OnNonFinite = Literal["skip", "raise"]
+BatchNormMode = Literal["warn", "pooled", "ignore"]
 
 
 class BatchNormWarning(UserWarning):
@@ -65,6 +68,8 @@ class StepStats:
             ``"non-finite gradient"``, ``"fp16 overflow"``), else None.
         seconds: wall time of the cycle, first forward to the end of the step.
         loss_scale: the fp16 loss scale used in this cycle (None for fp32/bf16).
+        noise: the cycle's gradient-noise estimate with ``noise_scale=True`` (None otherwise, on
+            a skipped step, or with fewer than two micro-batches holding items).
     """
 
     step: int
@@ -77,6 +82,7 @@ class StepStats:
     skip_reason: str | None
     seconds: float
     loss_scale: float | None = None
+    noise: NoiseEstimate | None = None
 
 
 class Accumulator:
@@ -97,6 +103,17 @@ class Accumulator:
             the cycle's last micro-batch); ``"micro"`` after every micro-batch (FSDP2: sharded
             gradients only, less memory). Ignored outside a process group; see
             :mod:`bigbatch.parallel`.
+        batchnorm: models with BatchNorm layers: ``"warn"`` (:class:`BatchNormWarning` at
+            construction), ``"ignore"``, or ``"pooled"``: a :class:`~bigbatch.PooledBatchNorm`
+            gives each layer's running statistics one update per optimizer step taken, from its
+            statistics pooled over the cycle — the update of a full-batch BatchNorm. A skipped
+            step drops them (running statistics untouched, like the weights). Normalization
+            itself still uses each micro-batch's statistics; to avoid that, convert the layers
+            (:func:`~bigbatch.convert_batchnorm`).
+
+        noise_scale: measure the gradient noise scale every cycle (``StepStats.noise``; see
+            :mod:`bigbatch.noise`): tensor hooks take each micro-batch's squared gradient norm.
+            Not with FSDP2 (its sharded gradients hide the per-rank micro-batch gradient).
 
     Raises:
         BigBatchError: an argument is out of range (see the message).
@@ -115,6 +132,8 @@ class Accumulator:
         precision: Precision = "fp32",
         on_nonfinite: OnNonFinite = "skip",
         sync: SyncMode = "cycle",
+        batchnorm: BatchNormMode = "warn",
+        noise_scale: bool = False,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise BigBatchError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -141,13 +160,23 @@ class Accumulator:
         self.device = param.device
         self.precision = PrecisionPolicy(precision, model, self.device)
         self.sync = GradSync(model, sync)
+        if noise_scale and self.sync.kind == "fsdp2":
+            raise BigBatchError("noise_scale needs each rank's micro-batch gradient, which FSDP2 "
+                                "shards away; use DDP, or turn the noise scale off")
+        self.noise = MicroGradNorms(list(model.parameters()), self.device) if noise_scale else None
+        self._noise_factor = 1.0  # c × loss scale of the cycle in flight
         self._synced = False  # did the cycle's latest micro-batch sync gradients across ranks?
         self.steps_taken = 0
         self.steps_skipped = 0
         self._prescale: float | None = None  # see the module docstring
         self._expected_micro = 1
         self._reset_cycle()
-        _warn_batchnorm(model)
+        if batchnorm not in ("warn", "pooled", "ignore"):
+            raise BigBatchError(
+                f"batchnorm must be 'warn', 'pooled' or 'ignore', got {batchnorm!r}")
+        self._bn = PooledBatchNorm(model) if batchnorm == "pooled" else None
+        if batchnorm == "warn":
+            _warn_batchnorm(model)
 
     # -- the cycle ---------------------------------------------------------------------------
 
@@ -207,6 +236,8 @@ class Accumulator:
         if self._micro == 0:
             self._t0 = time.perf_counter()
             self.model.zero_grad(set_to_none=True)  # a cycle's gradient is its own, nothing else
+            if self._bn is not None:
+                self._bn.discard()  # so are its BatchNorm statistics
         with self.sync.micro_batch(last) as synced:
             with self.precision.autocast():
                 out = loss_fn(self.model, batch)
@@ -216,6 +247,10 @@ class Accumulator:
             if ls.sum.requires_grad:
                 self.precision.scale(ls.sum * self._prescale).backward()
                 self.precision.collect()
+                if self.noise is not None:
+                    if self._micro == 0:  # constant within a cycle; read once (a device sync)
+                        self._noise_factor = self._prescale * (self.precision.loss_scale or 1.0)
+                    self.noise.end_micro(ls.count, self._noise_factor)
             elif self.sync.active:
                 raise LossError(
                     "loss_fn returned a LossSum whose sum carries no gradient; under DDP/FSDP2 "
@@ -244,16 +279,19 @@ class Accumulator:
         Raises:
             NonFiniteError: a non-finite loss or gradient with ``on_nonfinite="raise"``.
         """
+        noise_sums = self.noise.local_sums() if self.noise is not None else None
         if self.sync.active:  # the cycle's totals over all ranks: one small all-reduce
-            totals = torch.stack([self._loss_sum, torch.as_tensor(
-                self._count, dtype=torch.float64, device=self._loss_sum.device)])
-            self._loss_sum, self._count = self.sync.all_reduce_sum(totals).unbind()
+            totals = torch.cat([torch.stack([self._loss_sum, torch.as_tensor(
+                self._count, dtype=torch.float64, device=self._loss_sum.device)]),
+                *([] if noise_sums is None else [noise_sums])])
+            totals = self.sync.all_reduce_sum(totals)
+            self._loss_sum, self._count, noise_sums = totals[0], totals[1], totals[2:]
             if self._micro and not self._synced:
                 self.sync.reduce_unsynced(self.precision.grads(self._params()))
         count = int(self._count)
         loss = float(self._loss_sum) / count if count else math.nan
         micro, lr, scale = self._micro, self._lr(), self.precision.loss_scale
-        grad_norm, reason = math.nan, None
+        grad_norm, reason, noise = math.nan, None, None
         try:
             if count == 0:
                 reason = "no items"
@@ -261,6 +299,10 @@ class Accumulator:
                 reason = "non-finite loss"
             else:
                 grad_norm, reason = self._normalize_and_apply(count)
+                if self.noise is not None and noise_sums is not None and reason is None:
+                    noise = self.noise.estimate(noise_sums, grad_norm**2, count)
+                if reason is None and self._bn is not None:
+                    self._bn.step()  # one running-statistics update per optimizer step taken
             if reason in ("non-finite loss", "non-finite gradient") and (
                 self.on_nonfinite == "raise"
             ):
@@ -271,6 +313,8 @@ class Accumulator:
                 )
         finally:
             self.optimizer.zero_grad(set_to_none=True)
+            if self._bn is not None:
+                self._bn.discard()  # a skipped step leaves the running statistics too
             seconds = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
             self._reset_cycle()
             if reason is None:
@@ -288,12 +332,15 @@ class Accumulator:
             skip_reason=reason,
             seconds=seconds,
             loss_scale=scale,
+            noise=noise,
         )
 
     def discard(self) -> None:
         """Drop the cycle in flight: its gradient, loss sum and count. Counters are unchanged."""
         self.optimizer.zero_grad(set_to_none=True)
         self.model.zero_grad(set_to_none=True)
+        if self._bn is not None:
+            self._bn.discard()
         self._reset_cycle()
 
     # -- state -------------------------------------------------------------------------------
@@ -333,6 +380,11 @@ class Accumulator:
             state["grads"] = [None if p.grad is None else p.grad.detach().clone()
                               for p in self.model.parameters()]
             state["fp32_buffers"] = self.precision.buffer_state()
+            if self.noise is not None:
+                state["noise_sums"] = self.noise.local_sums().clone()
+                state["noise_factor"] = self._noise_factor
+            if self._bn is not None:
+                state["batchnorm"] = self._bn.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -363,10 +415,15 @@ class Accumulator:
         for p, g in zip(params, grads):
             p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
         self.precision.load_buffer_state(state["fp32_buffers"])
+        if self._bn is not None:
+            self._bn.load_state_dict(state.get("batchnorm", {}))
         self._loss_sum = state["loss_sum"].to(self._loss_sum.device, torch.float64)
         self._count = int(state["count"])
         self._micro = micro
         self._t0 = time.perf_counter()
+        if self.noise is not None and "noise_sums" in state:
+            self.noise.local_sums().copy_(state["noise_sums"])
+            self._noise_factor = float(state["noise_factor"])
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -427,6 +484,8 @@ class Accumulator:
         self._micro = 0
         self._t0: float | None = None
         self.precision.release()
+        if getattr(self, "noise", None) is not None:
+            self.noise.reset()  # type: ignore[union-attr]
 
 
 def _check_loss(out: object) -> LossSum:
@@ -486,8 +545,9 @@ def _warn_batchnorm(model: torch.nn.Module) -> None:
     warnings.warn(
         f"the model has BatchNorm layers ({shown}): under gradient accumulation their batch "
         "statistics and running-statistic updates see one micro-batch, not the effective batch, "
-        "so training is not equivalent to the full batch. Replace them with GroupNorm/LayerNorm "
-        "or freeze them (eval mode) if that matters",
+        "so training is not equivalent to the full batch. If that matters, convert them "
+        "(bigbatch.convert_batchnorm(model, to='group' or 'freeze')) or pool their running "
+        "statistics (Accumulator(..., batchnorm='pooled')); batchnorm='ignore' silences this",
         BatchNormWarning,
         stacklevel=3,
     )

@@ -25,7 +25,7 @@ from .data import global_batches, vary_lengths
 from .engine import Accumulator, LossFn
 from .loss import LossSum
 from .plan import BatchPlan
-from .workload import build_workload, lm_loss
+from .workload import apply_batchnorm_option, build_workload, lm_loss
 
 __all__ = ["VerifyReport", "VerifyRow", "default_rtol", "default_verify_inputs",
            "factory_verify_inputs", "format_table", "load_factory", "naive_loss", "verify"]
@@ -349,8 +349,7 @@ def factory_verify_inputs(spec: str, config: TrainConfig) -> VerifyInputs:
     model, batch, loss_fn = load_factory(spec)
     dtype = {"float32": torch.float32, "float64": torch.float64,
              "bfloat16": torch.bfloat16}[config.dtype]
-    model = model.to(dtype)
-
+    model = apply_batchnorm_option(model.to(dtype), config.batchnorm)
     return model, [_cast_floats(batch, dtype)] * config.steps, loss_fn, _sgd(config.lr)
 
 

@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 
+from .batchnorm import batchnorm_layers, convert_batchnorm
 from .config import ConfigError, TrainConfig
 from .data import TokenWindows, load_documents, split_documents
 from .gpt import GPT, GPTConfig
 from .loss import LossSum, token_cross_entropy
 
-__all__ = ["Workload", "build_workload", "lm_loss", "make_optimizer", "make_scheduler",
-           "resolve_device"]
+__all__ = ["Workload", "apply_batchnorm_option", "build_workload", "lm_loss", "make_optimizer",
+           "make_scheduler", "resolve_device"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -80,7 +81,36 @@ def build_model(config: TrainConfig, device: torch.device) -> GPT:
     torch.manual_seed(config.seed)
     gpt = GPTConfig(seq_len=config.seq_len, n_layer=config.n_layer, n_head=config.n_head,
                     d_model=config.d_model)
-    return GPT(gpt).to(device=device, dtype=_DTYPES[config.dtype])
+    model = GPT(gpt).to(device=device, dtype=_DTYPES[config.dtype])
+    apply_batchnorm_option(model, config.batchnorm)  # the GPT has none: checked all the same
+    return model
+
+
+def apply_batchnorm_option(model: torch.nn.Module, option: str) -> torch.nn.Module:
+    """Apply ``--batchnorm`` to a model's BatchNorm layers (in place; see convert_batchnorm).
+
+    ``convert``: GroupNorm; ``freeze``: FrozenBatchNorm; ``error``: refuse a model that has any;
+    ``warn`` and ``pooled`` leave the layers as they are (the Accumulator warns, or pools their
+    running statistics when given ``batchnorm="pooled"``).
+
+    Returns:
+        The model (a new module only when the model itself is a BatchNorm layer).
+
+    Raises:
+        ConfigError: ``error`` and the model has BatchNorm layers (the message names them).
+    """
+    names = [name for name, _ in batchnorm_layers(model)]
+    if not names:
+        return model
+    if option == "error":
+        shown = ", ".join(names[:8]) + (f", … ({len(names)} in all)" if len(names) > 8 else "")
+        raise ConfigError(
+            f"--batchnorm error: the model has BatchNorm layers ({shown}), whose statistics "
+            "span one micro-batch under accumulation; use --batchnorm convert, freeze or pooled, "
+            "or warn to train it anyway")
+    if option in ("convert", "freeze"):
+        return convert_batchnorm(model, to="group" if option == "convert" else "freeze")
+    return model
 
 
 def build_workload(config: TrainConfig, data: tuple[TokenWindows, TokenWindows] | None = None,
