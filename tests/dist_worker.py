@@ -152,6 +152,20 @@ def case_syncs_micro() -> dict:
     return _count_syncs("micro")
 
 
+def case_noise() -> dict:
+    """Noise estimates under DDP: each rank's micro-batch gradients, taken before the all-reduce."""
+    from bigbatch import Accumulator
+
+    rank = dist.get_rank()
+    net = _ddp(model())
+    acc = Accumulator(net, sgd(net), noise_scale=True)
+    out = []
+    for per_rank in data():
+        est = acc.step(per_rank[rank], lm_sum).noise
+        out.append([est.grad_sq, est.trace, est.small_batch, est.big_batch])
+    return {"noise": out}
+
+
 def case_uneven() -> dict:
     """Rank 1 has one micro-batch fewer: both ranks must stop with the same clear error."""
     from bigbatch import Accumulator

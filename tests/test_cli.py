@@ -62,7 +62,9 @@ def test_train_writes_the_run_folder(tmp_path: Path, text: Path) -> None:
     assert "final validation loss" in r.stdout
     # the resolved config is reusable as --config, and records the seed
     config = (out / "config.yaml").read_text()
-    assert "seed: 0" in config and "accum_steps: 4" in config
+    assert "seed: 0" in config and "micro_batch: 2" in config
+    assert "accum_steps: null" in config  # K follows the world size (torchrun), run.json has it
+    assert json.loads((out / "run.json").read_text())["accum_steps"] == 4
 
 
 def test_train_is_deterministic(tmp_path: Path, text: Path) -> None:

@@ -72,6 +72,20 @@ def test_matches_single_process_full_batch(case: str, tmp_path: Path) -> None:
         assert r["losses"] == pytest.approx(expected, rel=RTOL)
 
 
+def test_noise_scale_under_ddp_equals_one_process(tmp_path: Path) -> None:
+    """2 ranks × K micro-batches give the estimates of 1 process with the same 2K micro-batches."""
+    from bigbatch import Accumulator
+
+    ranks = results("noise", tmp_path)
+    m = model()
+    acc = Accumulator(m, sgd(m), noise_scale=True)
+    for step, got in zip(data(), ranks[0]["noise"]):
+        est = acc.step([mb for per_rank in step for mb in per_rank], lm_sum).noise
+        assert got == pytest.approx([est.grad_sq, est.trace, est.small_batch, est.big_batch],
+                                    rel=1e-9)
+    assert ranks[0]["noise"] == ranks[1]["noise"]
+
+
 def test_naive_recipe_under_ddp_differs(tmp_path: Path) -> None:
     ranks = results("ddp_naive", tmp_path)
     assert max_rel_diff(ranks[0]["params"], list(truth().parameters())) > 1e-3

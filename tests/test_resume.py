@@ -56,7 +56,7 @@ def assert_bitwise_equal(a: Path, b: Path) -> None:
 def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path: Path,
                                                                   text: Path) -> None:
     args = ["--data", str(text), "--steps", "24", "--save-every-micro", "1", "--keep", "2",
-            *TINY]
+            "--accum-schedule", "0:2,8:4,16:6", "--lr-scaling", "linear", *TINY]
     ref = tmp_path / "ref"
     t0 = time.perf_counter()
     done = subprocess.run(command(*args, "--out", str(ref)), capture_output=True, text=True)
@@ -107,7 +107,8 @@ def test_signal_stops_with_checkpoint_and_resume_line(tmp_path: Path, text: Path
 
 def test_corrupt_newest_checkpoint_falls_back_and_stays_exact(tmp_path: Path,
                                                               text: Path) -> None:
-    base = ["--data", str(text), "--save-every", "2", "--keep", "3", *TINY]
+    base = ["--data", str(text), "--save-every", "2", "--keep", "3",
+            "--accum-schedule", "adaptive:1:6:2", *TINY]
     ref = tmp_path / "ref"
     assert subprocess.run(command(*base, "--steps", "6", "--out", str(ref)),
                           capture_output=True).returncode == 0

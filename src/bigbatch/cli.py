@@ -55,8 +55,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ())
         kind = str(f.type)
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f.metadata["help"],
                                   "dest": f.name}
-        if kind == "bool":
-            kwargs["action"] = "store_true"
+        if kind == "bool":  # --flag / --no-flag
+            kwargs["action"] = argparse.BooleanOptionalAction
         else:
             if "int" in kind:
                 kwargs["type"] = _number(int, flag)

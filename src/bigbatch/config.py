@@ -103,6 +103,14 @@ class TrainConfig:
         "(FSDP2: less memory, K times the communication)",
         default="cycle", meta={"choices": ("cycle", "micro")},
     )
+    noise_scale: bool = _opt("measure the gradient noise scale every step (--no-noise-scale: "
+                             "off)", default=True)
+    accum_schedule: str | None = _opt(
+        "change K during training: a step table '0:4,500:8', 'ramp:START:SAMPLES' (global "
+        "batch from START samples up over SAMPLES samples) or 'adaptive:KMIN:KMAX:EVERY' (from "
+        "the noise scale)", default=None)
+    lr_scaling: str = _opt("scale the learning rate with the global batch under --accum-schedule",
+                           default="none", meta={"choices": ("none", "linear", "sqrt")})
     out: str | None = _opt("run folder (default: runs/<date>-<time>)", default=None)
     device: str = _opt("cpu, cuda, cuda:N, or auto", default="auto")
     overwrite: bool = _opt("replace the run files in an --out folder that holds a run",
@@ -129,6 +137,11 @@ class TrainConfig:
             raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
         if self.clip is not None and not (self.clip >= 0 and math.isfinite(self.clip)):
             raise ConfigError(f"--clip must be 0 (off) or a positive number, got {self.clip}")
+        if self.accum_schedule:  # the form; sizes are checked against the plan at train time
+            from .schedule import parse_accum_schedule
+
+            parse_accum_schedule(self.accum_schedule, micro_batch=1, world_size=1,
+                                 k_final=2**62)
         if self.d_model % self.n_head:
             raise ConfigError(
                 f"--d-model {self.d_model} is not divisible by --n-head {self.n_head}; "

@@ -403,9 +403,10 @@ def global_batches(
 
 
 def _global_batches(
-    num_samples: int, global_batch: int, seed: int, start_step: int
+    num_samples: int, global_batch: int, seed: int, start_step: int, start: int | None = None
 ) -> Iterator[torch.Tensor]:
-    epoch, offset = divmod(start_step * global_batch, num_samples)
+    first = start_step * global_batch if start is None else start
+    epoch, offset = divmod(first, num_samples)
     perm = _epoch_permutation(num_samples, seed, epoch)
     while True:
         parts = []
@@ -420,6 +421,19 @@ def _global_batches(
                 perm = _epoch_permutation(num_samples, seed, epoch)
         # cat copies even a single part: a batch owns its memory rather than viewing the epoch.
         yield torch.cat(parts)
+
+
+def take_samples(num_samples: int, seed: int, start: int, n: int) -> torch.Tensor:
+    """Items ``start`` to ``start + n`` of the epochs laid end to end (see :func:`global_batches`).
+
+    For a global batch that changes from step to step (``--accum-schedule``): step s takes the
+    ``n_s`` items after those its predecessors took. With a constant global batch g this is
+    exactly ``global_batches``' step ``start // g``.
+    """
+    _check_int("num_samples", num_samples, minimum=1)
+    _check_int("start", start, minimum=0)
+    _check_int("n", n, minimum=1)
+    return next(_global_batches(num_samples, n, seed, 0, start=start))
 
 
 def eval_batches(num_samples: int, batch_size: int) -> Iterator[torch.Tensor]:

@@ -42,16 +42,24 @@ class RunLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
-    def train(self, stats: StepStats, step: int, tokens_per_s: float) -> None:
+    def train(self, stats: StepStats, step: int, tokens_per_s: float,
+              extra: dict[str, Any] | None = None) -> None:
+        """One train line; ``extra`` adds keys (the trainer's ``global_batch``, ``accum_steps``
+        and the smoothed ``noise_scale`` in tokens, with the step's raw ``noise_trace`` and
+        ``noise_grad_sq``)."""
+        extra = extra or {}
         self._write({
             "kind": "train", "step": step, "loss": _finite(stats.loss), "items": stats.count,
             "grad_norm": _finite(stats.grad_norm), "lr": stats.lr,
             "tokens_per_s": tokens_per_s, "seconds": stats.seconds, "skipped": stats.skipped,
-            "skip_reason": stats.skip_reason, "micro_batches": stats.micro_batches,
+            "skip_reason": stats.skip_reason, "micro_batches": stats.micro_batches, **extra,
         })
         if self._tb is not None:
-            for key, value in (("train/loss", stats.loss), ("train/grad_norm", stats.grad_norm),
-                               ("train/lr", stats.lr), ("train/tokens_per_s", tokens_per_s)):
+            scalars = [("train/loss", stats.loss), ("train/grad_norm", stats.grad_norm),
+                       ("train/lr", stats.lr), ("train/tokens_per_s", tokens_per_s)]
+            scalars += [(f"train/{k}", v) for k, v in extra.items()
+                        if isinstance(v, (int, float))]
+            for key, value in scalars:
                 if math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
 
@@ -85,13 +93,30 @@ def plot_losses(metrics: Path, png: Path, title: str = "") -> Path:
              if r["kind"] == "train" and r["loss"] is not None]
     val = [(r["step"], r["val_loss"]) for r in records
            if r["kind"] == "eval" and r["val_loss"] is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    noise = [(r["step"], r["noise_scale"]) for r in records
+             if r["kind"] == "train" and r.get("noise_scale") is not None]
+    if noise:  # a second panel: the smoothed gradient noise scale (and the batch, if it moved)
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6.4), dpi=120, sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+        ax2.plot(*zip(*noise), color="tab:green", lw=1.2, label="B_simple (smoothed)")
+        batch = [(r["step"], r["items"]) for r in records
+                 if r["kind"] == "train" and r.get("items")]
+        if batch:
+            ax2.plot(*zip(*batch), color="0.5", lw=1, ls="--", label="tokens per step (batch)")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("tokens")
+        ax2.set_xlabel("optimizer step")
+        ax2.grid(alpha=0.3, which="both")
+        ax2.legend(fontsize=8)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     if train:
         ax.plot(*zip(*train), lw=1.0, color="tab:blue", label="training loss")
     if val:
         ax.plot(*zip(*val), "o-", color="tab:orange", label="validation loss")
     ax.axhline(math.log(256), color="grey", ls=":", lw=1, label="uniform over 256 bytes")
-    ax.set_xlabel("optimizer step")
+    if not noise:
+        ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(title or "bigbatch train")
     ax.grid(alpha=0.3)

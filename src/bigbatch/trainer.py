@@ -30,13 +30,15 @@ from safetensors.torch import save_model
 from . import __version__
 from .checkpoint import CheckpointError, load_latest, save_checkpoint, set_aside
 from .config import ConfigError, TrainConfig, load_config_file
-from .data import TokenWindows, eval_batches, global_batches
+from .data import TokenWindows, eval_batches, global_batches, take_samples
 from .engine import Accumulator, NonFiniteError
 from .launch import Ranks, setup, wrap_model
+from .noise import NoiseScaleEMA
 from .plan import BatchPlan
 from .progress import Progress
 from .runlog import RunLog, plot_losses, read_metrics
 from .runstate import Position, StopSignals, capture, checkpoint_name, model_state, restore
+from .schedule import lr_factor, parse_accum_schedule
 from .workload import (
     Workload,
     build_model,
@@ -201,7 +203,13 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
     acc = Accumulator(net, opt, scheduler=sched, clip_grad_norm=config.clip_norm,
                       precision=config.precision,  # type: ignore[arg-type]
                       on_nonfinite="raise" if config.on_nonfinite == "stop" else "skip",
-                      sync=config.grad_sync)  # type: ignore[arg-type]
+                      sync=config.grad_sync,  # type: ignore[arg-type]
+                      noise_scale=config.noise_scale and not fsdp,
+                      batchnorm="pooled" if config.batchnorm == "pooled" else "warn")
+    schedule = (parse_accum_schedule(config.accum_schedule, micro_batch=plan.micro_batch,
+                                     world_size=ranks.world_size, k_final=plan.accum_steps)
+                if config.accum_schedule else None)
+    noise = NoiseScaleEMA()
     ckpt_root, metrics = out / "checkpoints", out / "metrics.jsonl"
     position = Position(0, 0, 0)
     notes: list[str] = []
@@ -213,6 +221,13 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
             path, state, rejected = found
             try:
                 where = restore(state, work.model, opt, sched, acc, fsdp=fsdp)
+                extra = state.get("extra") or {}
+                noise.load_state_dict(extra["noise"])
+                if schedule is not None:
+                    schedule.load_state_dict(extra["schedule"])
+            except KeyError as err:
+                raise CheckpointError(f"--resume {out}: {path.name} lacks {err} (written by "
+                                      "another bigbatch version?)") from None
             except CheckpointError as err:
                 raise CheckpointError(f"--resume {out}: {path.name}: {err}") from None
             if main:
@@ -232,6 +247,8 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
     def save(step: int, micro: int) -> Path:
         where = Position(step, micro, metrics.stat().st_size if main else 0)
         state = capture(where, work.model, opt, sched, acc, fsdp=fsdp)  # all ranks (FSDP2)
+        state["extra"] = {"noise": noise.state_dict(),
+                          "schedule": None if schedule is None else schedule.state_dict()}
         name = checkpoint_name(step, micro)
         ranks.together("writing a checkpoint", comm, lambda: main and save_checkpoint(
             ckpt_root, name, state, keep=config.keep))
@@ -249,15 +266,31 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
     )
     batches = global_batches(len(work.train), plan.global_batch, config.seed,
                              start_step=position.step)
-    share = slice(ranks.rank * plan.local_batch, (ranks.rank + 1) * plan.local_batch)
     step, first_micro, k = position.step, position.micro, plan.accum_steps
+    tokens_per_sample = float(config.seq_len)  # refined from each step's item count
     val_loss = math.nan
     start = time.perf_counter()
     try:
         with StopSignals() as signals:
             while step < config.steps:
-                rows = next(batches)[share]  # this rank's disjoint share of the global batch
-                micro_batches = plan.split(work.to_device(work.train.batch(rows)))
+                if schedule is None:
+                    step_plan, rows = plan, next(batches)
+                else:  # K of this step (a step resumed mid-cycle keeps the one it had)
+                    if first_micro == 0:
+                        schedule.next_k(step, noise.value / tokens_per_sample)
+                    step_plan = BatchPlan(micro_batch=plan.micro_batch, accum_steps=schedule.k,
+                                          world_size=ranks.world_size)
+                    rows = take_samples(len(work.train), config.seed, schedule.samples,
+                                        step_plan.global_batch)
+                    _scale_lr(opt, sched, lr_factor(config.lr_scaling, step_plan.global_batch,
+                                                     plan.global_batch))
+                k = step_plan.accum_steps
+                share = slice(ranks.rank * step_plan.local_batch,
+                              (ranks.rank + 1) * step_plan.local_batch)
+                rows = rows[share]  # this rank's disjoint share of the global batch
+                micro_batches = step_plan.split(work.to_device(work.train.batch(rows)))
+                done_before = (step * k if schedule is None
+                               else schedule.samples // schedule.micro_samples)
                 for i in range(first_micro, len(micro_batches)):
                     acc.accumulate(micro_batches[i], lm_loss, last=i == len(micro_batches) - 1)
                     if ranks.world_size > 1:
@@ -265,7 +298,7 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
                     if signals.received:
                         _stop(signals.received, save(step, i + 1), out, step, i + 1, k)
                     every = config.save_every_micro
-                    if every and (step * k + i + 1) % every == 0 and i + 1 < k:
+                    if every and (done_before + i + 1) % every == 0 and i + 1 < k:
                         save(step, i + 1)
                 first_micro = 0
                 try:
@@ -274,10 +307,23 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
                     path = save(step, 0)
                     raise RunStopped(f"stopped: {e}. The last good state is in {path}", 1) from e
                 step += 1
+                if schedule is not None:
+                    schedule.took(k)
+                if stats.count:
+                    tokens_per_sample = stats.count / step_plan.global_batch
+                b_noise = noise.update(stats.noise)
                 tokens_per_s = stats.count / stats.seconds if stats.seconds > 0 else 0.0
                 if log is not None:
-                    log.train(stats, step, tokens_per_s)
+                    log.train(stats, step, tokens_per_s, {
+                        "global_batch": step_plan.global_batch, "accum_steps": k,
+                        "noise_scale": _finite_or_none(b_noise),
+                        "noise_trace": None if stats.noise is None else stats.noise.trace,
+                        "noise_grad_sq": None if stats.noise is None else stats.noise.grad_sq})
                 note = f" | skipped: {stats.skip_reason}" if stats.skipped else ""
+                if math.isfinite(b_noise):
+                    note += f" | B_noise {b_noise:,.0f} tok"
+                if schedule is not None:
+                    note += f" | K {k}"
                 progress.update(step, stats.loss, tokens_per_s, stats.lr, note)
                 if _eval_due(step, config):
                     val_loss, val_items = evaluate(work, config.eval_samples, plan.micro_batch,
@@ -318,6 +364,18 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
     return TrainResult(out=out, steps=config.steps, main=main,
                        final_train_loss=_last_train_loss(metrics) if main else math.nan,
                        final_val_loss=val_loss, seconds=time.perf_counter() - start)
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _scale_lr(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+              factor: float) -> None:
+    """Set each group's learning rate to the schedule's value × ``factor`` for this step (the
+    scheduler recomputes its own value from the step count, so factors never compound)."""
+    for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+        group["lr"] = lr * factor
 
 
 def _count_parameters(model: torch.nn.Module) -> int:
