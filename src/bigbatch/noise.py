@@ -81,28 +81,36 @@ class MicroGradNorms:
 
     def __init__(self, params: list[torch.nn.Parameter], device: torch.device) -> None:
         self.device = device
-        self._sq = torch.zeros((), dtype=torch.float64, device=device)
         self._handles = [p.register_hook(self._hook) for p in params if p.requires_grad]
         self.reset()
 
     def _hook(self, grad: torch.Tensor) -> None:
-        self._sq += torch.linalg.vector_norm(grad.detach(), dtype=torch.float64) ** 2
+        # One reduction kernel in the gradient's own dtype (no float64 copy of the gradient);
+        # the scalars are combined once per micro-batch in end_micro.
+        low = grad.dtype in (torch.float16, torch.bfloat16)  # keep the sum of squares in float32
+        self._norms.append(torch.linalg.vector_norm(grad.detach(),
+                                                    dtype=torch.float32 if low else None))
 
     def end_micro(self, count: int | torch.Tensor, scale: float) -> None:
         """Close a micro-batch whose backward ran on ``scale × sum`` over ``count`` items."""
+        if self._norms:
+            norms = torch.stack([x.to(self.device, torch.float64) for x in self._norms])
+            self._sq = torch.linalg.vector_norm(norms) ** 2
+            self._norms.clear()
         n = torch.as_tensor(count, dtype=torch.float64, device=self.device)
         has = n > 0
         safe = torch.where(has, n, torch.ones_like(n))
         self._sums += torch.stack([torch.where(has, self._sq / (scale * safe) ** 2, 0.0),
                                    torch.where(has, 1.0 / safe, 0.0), has.double()])
-        self._sq.zero_()
+        self._sq = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def local_sums(self) -> torch.Tensor:
         """``[Σ_k |g_k|², Σ_k 1/B_k, micro-batches with items]`` of this rank's cycle."""
         return self._sums
 
     def reset(self) -> None:
-        self._sq.zero_()
+        self._norms: list[torch.Tensor] = []
+        self._sq = torch.zeros((), dtype=torch.float64, device=self.device)
         self._sums = torch.zeros(3, dtype=torch.float64, device=self.device)
 
     def estimate(self, sums: torch.Tensor, big_sq: float, big_batch: int) -> NoiseEstimate | None:
