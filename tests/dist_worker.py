@@ -166,6 +166,44 @@ def case_noise() -> dict:
     return {"noise": out}
 
 
+def contrastive_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(24, 5, generator=g), torch.randn(24, 7, generator=g)
+
+
+class Towers(torch.nn.Module):
+    """Query and document towers; DDP syncs only what runs through its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.d = torch.nn.Linear(5, 8), torch.nn.Linear(7, 8)
+
+    def forward(self, q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q(q), self.d(d)
+
+
+def contrastive_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return Towers().double()
+
+
+def case_contrastive() -> dict:
+    """Gradient caching on 2 ranks: negatives span both ranks; rank r holds rows of its half."""
+    from bigbatch import Accumulator
+    from bigbatch.contrastive import contrastive_step, info_nce
+
+    rank = dist.get_rank()
+    q, d = contrastive_data()
+    lo, hi = (0, 8) if rank == 0 else (8, 24)  # uneven shares: 8 and 16 rows
+    mine = list(zip(q[lo:hi].chunk(2), d[lo:hi].chunk(2)))
+    net = _ddp(contrastive_model())
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    stats = contrastive_step(Accumulator(net, opt), mine,
+                             lambda m, b: m(*b),
+                             lambda a, b: info_nce(a, b, symmetric=True))
+    return {"params": [p.detach().clone() for p in net.parameters()], "loss": stats.loss}
+
+
 def case_uneven() -> dict:
     """Rank 1 has one micro-batch fewer: both ranks must stop with the same clear error."""
     from bigbatch import Accumulator

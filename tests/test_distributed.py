@@ -86,6 +86,26 @@ def test_noise_scale_under_ddp_equals_one_process(tmp_path: Path) -> None:
     assert ranks[0]["noise"] == ranks[1]["noise"]
 
 
+def test_contrastive_gradient_cache_under_ddp(tmp_path: Path) -> None:
+    """Embeddings are all-gathered: 2 ranks with 8 and 16 rows take the full-batch step of 24."""
+    from dist_worker import contrastive_data, contrastive_model
+
+    from bigbatch.contrastive import info_nce
+
+    ranks = results("contrastive", tmp_path)
+    m = contrastive_model()
+    q, d = contrastive_data()
+    ls = info_nce(*m(q, d), symmetric=True)
+    (ls.sum / ls.count).backward()
+    ls = ls._replace(sum=ls.sum.detach())
+    with torch.no_grad():
+        for p in m.parameters():
+            p -= 0.5 * p.grad
+    for r in ranks:
+        assert max_rel_diff(r["params"], list(m.parameters())) <= RTOL
+    assert ranks[0]["loss"] == pytest.approx(ls.sum.item() / ls.count, rel=RTOL)
+
+
 def test_naive_recipe_under_ddp_differs(tmp_path: Path) -> None:
     ranks = results("ddp_naive", tmp_path)
     assert max_rel_diff(ranks[0]["params"], list(truth().parameters())) > 1e-3

@@ -6,6 +6,8 @@ so K micro-batches give the update of one full batch.
 
 from .batchnorm import FrozenBatchNorm as FrozenBatchNorm
 from .batchnorm import convert_batchnorm as convert_batchnorm
+from .contrastive import contrastive_step as contrastive_step
+from .contrastive import info_nce as info_nce
 from .engine import Accumulator as Accumulator
 from .engine import BatchNormWarning as BatchNormWarning
 from .engine import NonFiniteError as NonFiniteError
@@ -36,6 +38,8 @@ __all__ = [
     "NonFiniteError",
     "PooledBatchNorm",
     "StepStats",
+    "contrastive_step",
     "convert_batchnorm",
+    "info_nce",
     "token_cross_entropy",
 ]
