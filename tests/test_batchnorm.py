@@ -23,13 +23,7 @@ from bigbatch.workload import apply_batchnorm_option, build_model
 BN = nn.modules.batchnorm._BatchNorm
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Branches(nn.Module):

@@ -11,14 +11,7 @@ from reference import RTOL, max_rel_diff
 from bigbatch import Accumulator, LossError
 from bigbatch.contrastive import contrastive_step, info_nce
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class TwoTower(torch.nn.Module):

@@ -17,15 +17,10 @@ from dist_worker import STEPS, WORLD, K, data, launch, lm_sum, model, sgd
 from reference import RTOL, concat, full_batch_train, lm_mean_loss, max_rel_diff
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch without distributed")
+pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch without distributed"),
+              pytest.mark.usefixtures("float64")]
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 def results(case: str, tmp_path: Path) -> list[dict]:

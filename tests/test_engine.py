@@ -21,14 +21,7 @@ from reference import (
 import bigbatch
 from bigbatch import Accumulator, BatchPlan, LossSum, token_cross_entropy
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def lm_loss(model, batch) -> LossSum:

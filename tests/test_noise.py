@@ -12,13 +12,7 @@ from reference import mlp
 from bigbatch import Accumulator, LossSum
 from bigbatch.noise import NoiseScaleEMA, estimate_noise
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("sizes", [[16, 16, 16, 16], [3, 40, 7, 22, 9]])
