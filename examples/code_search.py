@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (3 if args.short else 12)
     global_batch = args.global_batch or (32 if args.short else 256)
     micro = args.micro_batch or (8 if args.short else 16)
-    n_eval = args.eval_pairs or (96 if args.short else 1000)
+    n_eval = args.eval_pairs or (96 if args.short else 1000)  # capped by the held-out pairs
     max_len = 48 if args.short else 64
     torch.manual_seed(args.seed)
     from transformers import AutoTokenizer
