@@ -115,7 +115,7 @@ def case_fsdp2_micro() -> dict:
     return _train(_fsdp2, "micro")
 
 
-def _count_syncs(sync: str) -> dict:
+def _count_syncs(sync: str, oom: str = "raise") -> dict:
     """Which micro-batch each DDP gradient all-reduce (one comm-hook call per bucket) ran in."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
@@ -131,7 +131,7 @@ def _count_syncs(sync: str) -> dict:
         return allreduce_hook(state, bucket)
 
     net.register_comm_hook(None, hook)
-    acc = Accumulator(net, sgd(net), sync=sync)  # type: ignore[arg-type]
+    acc = Accumulator(net, sgd(net), sync=sync, oom=oom)  # type: ignore[arg-type]
 
     def counted(m, batch):
         out = lm_sum(m, batch)
@@ -148,8 +148,39 @@ def case_syncs_cycle() -> dict:
     return _count_syncs("cycle")
 
 
+def case_syncs_split() -> dict:
+    """oom='split' (the default): no DDP hook round at all; finish() all-reduces instead."""
+    return _count_syncs("cycle", oom="split")
+
+
 def case_syncs_micro() -> dict:
     return _count_syncs("micro")
+
+
+def case_ddp_oom() -> dict:
+    """Only rank 1 runs out of memory (first in a forward, then in backwards, mid-cycle): it
+    splits its micro-batches on its own and the step is still the full-batch one."""
+    from reference import FaultyLM
+
+    from bigbatch import Accumulator
+
+    rank = dist.get_rank()
+    inner = FaultyLM()
+    net = _ddp(inner)
+    acc = Accumulator(net, sgd(net), clip_grad_norm=0.5, oom_regrow_after=1)
+    calls = {"n": 0}
+
+    def loss_fn(m, batch):  # step 1: calls 1-6 (2 fails in its forward); step 2: 7-12 in
+        calls["n"] += 1     # pieces of 1 row; step 3: whole again, 14 fails in its backward
+        if rank == 1:
+            inner.limits["forward"] = 1 if calls["n"] == 2 else 10**9
+            inner.limits["backward"] = 1 if calls["n"] == 14 else 10**9
+        return lm_sum(m, batch)
+
+    stats = [acc.step(per_rank[rank], loss_fn) for per_rank in data()]
+    return {"params": [p.detach().clone() for p in inner.lm.parameters()],
+            "losses": [s.loss for s in stats], "splits": [s.oom_splits for s in stats],
+            "raised": inner.limits["raised"]}
 
 
 def case_noise() -> dict:

@@ -39,6 +39,41 @@ class TinyLM(torch.nn.Module):
         return self.head(self.blocks(h, mask=mask, is_causal=True))
 
 
+class _Fault(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, limits):  # type: ignore[override]
+        ctx.limits = limits
+        if x.shape[0] > limits["forward"]:
+            limits["raised"] += 1
+            raise torch.OutOfMemoryError(f"injected: forward of {x.shape[0]} rows")
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        if grad.shape[0] > ctx.limits["backward"]:
+            ctx.limits["raised"] += 1
+            raise torch.OutOfMemoryError(f"injected: backward of {grad.shape[0]} rows")
+        return grad, None
+
+
+class FaultyLM(torch.nn.Module):
+    """TinyLM with a fault point between its blocks and its head: a backward fault strikes after
+    the head's gradient has been accumulated and before the blocks' has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lm = TinyLM()
+        self.limits = {"forward": 10**9, "backward": 10**9, "raised": 0}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        lm = self.lm
+        t = ids.shape[1]
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(t, dtype=lm.pos.dtype)
+        h = lm.blocks(lm.emb(ids) + lm.pos[:t], mask=mask, is_causal=True)
+        return lm.head(_Fault.apply(h, self.limits))
+
+
 def mlp(d_in: int = 6, d_out: int = 3) -> torch.nn.Module:
     return torch.nn.Sequential(
         torch.nn.Linear(d_in, 24), torch.nn.Tanh(), torch.nn.Linear(24, d_out)

@@ -117,6 +117,21 @@ def test_one_gradient_all_reduce_per_optimizer_step(tmp_path: Path) -> None:
     assert sorted({m for _, m in micro}) == list(range(1, K + 1))
 
 
+def test_split_mode_syncs_once_in_finish_not_in_backward(tmp_path: Path) -> None:
+    assert results("syncs_split", tmp_path)[0]["calls"].numel() == 0  # no DDP hook round
+
+
+def test_one_rank_out_of_memory_mid_cycle_stays_exact(tmp_path: Path) -> None:
+    ranks = results("ddp_oom", tmp_path)
+    assert ranks[0]["raised"] == 0 and ranks[1]["raised"] == 2
+    assert ranks[1]["splits"] == [1, 0, 1] and ranks[0]["splits"] == [0, 0, 0]
+    ref = truth()
+    for r in ranks:
+        assert max_rel_diff(r["params"], list(ref.parameters())) <= RTOL
+        assert r["losses"] == pytest.approx(truth_losses(), rel=RTOL)
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
+
+
 def test_ranks_with_different_micro_batch_counts_stop_together(tmp_path: Path) -> None:
     ranks = results("uneven", tmp_path)
     for r in ranks:

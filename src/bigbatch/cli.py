@@ -1,4 +1,4 @@
-"""``bigbatch`` command line: ``train``, ``verify`` and ``compare``.
+"""``bigbatch`` command line: ``train``, ``plan``, ``verify`` and ``compare``.
 
 Each subcommand is a plain function. Flags are generated from :class:`~bigbatch.config.TrainConfig`
 so the flags, config-file keys and the resolved ``config.yaml`` of a run share one set of names.
@@ -45,6 +45,12 @@ def _number(kind: type, flag: str):
     return parse
 
 
+def _micro_batch(text: str) -> int | str:
+    if text == "auto":
+        return text
+    return _number(int, "--micro-batch")(text)  # type: ignore[no-any-return]
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
     parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="YAML or TOML file of the same keys as these flags (flags win)")
@@ -58,7 +64,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ())
         if kind == "bool":  # --flag / --no-flag
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            if "int" in kind:
+            if f.name == "micro_batch":
+                kwargs["type"] = _micro_batch
+            elif "int" in kind:
                 kwargs["type"] = _number(int, flag)
             elif "float" in kind:
                 kwargs["type"] = _number(float, flag)
@@ -170,9 +178,40 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .trainer import plan_workload
+    from .workload import build_workload
+
+    given = [flag for flag, name in (("--micro-batch", "micro_batch"),
+                                     ("--accum-steps", "accum_steps")) if name in vars(args)]
+    if given:
+        raise UsageError(f"bigbatch plan chooses the micro-batch and K itself; drop "
+                         f"{' and '.join(given)}")
+    config = _config(args, micro_batch="auto")
+    candidates = None
+    if args.candidates:
+        try:
+            candidates = [int(x) for x in args.candidates.split(",")]
+        except ValueError:
+            raise UsageError(f"--candidates needs sizes like 4,8,16, got {args.candidates!r}"
+                             ) from None
+    work = build_workload(config)
+    choice = plan_workload(config, work, candidates=candidates, repeats=args.repeats)
+    print(choice.table())
+    print(choice.summary())
+    chosen = replace(config, micro_batch=choice.micro_batch)
+    print(f"train with: bigbatch train --global-batch {chosen.global_batch} "
+          f"--micro-batch {choice.micro_batch}"
+          + (" --checkpoint-activations" if config.checkpoint_activations else "")
+          + "  (or --micro-batch auto)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bigbatch", description="Gradient accumulation done exactly.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,verify,compare}",
+    sub = parser.add_subparsers(dest="command", metavar="{train,plan,verify,compare}",
                                 parser_class=_Parser)
     sub.required = True
 
@@ -207,6 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", dest="compare_steps", type=_number(int, "--steps"), default=40,
                    help="optimizer steps per run (default 40)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plan", help="choose the micro-batch (and K) for a memory budget",
+                       description="Measure the default model's memory (probes of a forward and "
+                       "backward), predict each candidate micro-batch's peak, time those that fit "
+                       "the budget (--memory; default 80%% of free memory) and choose the fastest. "
+                       "The global batch stays as given.")
+    _add_config_flags(p)
+    p.add_argument("--candidates", metavar="M,M,...", default=None,
+                   help="micro-batch sizes to consider (default: every divisor of the global "
+                   "batch)")
+    p.add_argument("--repeats", type=_number(int, "--repeats"), default=3,
+                   help="timed forward/backward passes per candidate (default 3)")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
@@ -215,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        for name in ("verify_steps", "compare_steps"):
+        for name in ("verify_steps", "compare_steps", "repeats"):
             if getattr(args, name, 1) <= 0:
                 raise ConfigError(f"--steps must be positive, got {getattr(args, name)}")
         return args.func(args)

@@ -47,7 +47,9 @@ class TrainConfig:
     global_batch: int | None = _opt(
         "samples per optimizer step over all processes (default 32)", default=None
     )
-    micro_batch: int | None = _opt("samples per forward/backward pass (default 8)", default=None)
+    micro_batch: int | str | None = _opt(
+        "samples per forward/backward pass (default 8), or 'auto': the fastest size that fits "
+        "--memory (see bigbatch plan)", default=None)
     accum_steps: int | None = _opt(
         "micro-batches per optimizer step; give any two of the three batch sizes", default=None
     )
@@ -111,6 +113,19 @@ class TrainConfig:
         "the noise scale)", default=None)
     lr_scaling: str = _opt("scale the learning rate with the global batch under --accum-schedule",
                            default="none", meta={"choices": ("none", "linear", "sqrt")})
+    memory: str | None = _opt(
+        "memory budget for --micro-batch auto and bigbatch plan, e.g. 8GiB (default: 80%% of the "
+        "free memory)", default=None)
+    checkpoint_activations: bool = _opt(
+        "recompute each transformer block's activations in backward instead of keeping them "
+        "(less memory, about a third more compute)", default=False)
+    on_oom: str = _opt(
+        "a micro-batch that runs out of memory is split in two and the step goes on, exact "
+        "(split), or the run stops (stop)", default="split", meta={"choices": ("split", "stop")})
+    micro_tokens: int | None = _opt(
+        "cut each global batch into micro-batches of at most N tokens (rows × longest sample, "
+        "samples sorted by length, padding trimmed) instead of --micro-batch samples",
+        default=None)
     out: str | None = _opt("run folder (default: runs/<date>-<time>)", default=None)
     device: str = _opt("cpu, cuda, cuda:N, or auto", default="auto")
     overwrite: bool = _opt("replace the run files in an --out folder that holds a run",
@@ -123,9 +138,22 @@ class TrainConfig:
             problems += _type_problems(f, value)
         if problems:
             raise ConfigError("; ".join(problems))
+        if self.micro_tokens is not None and self.micro_tokens <= 0:
+            raise ConfigError(f"--micro-tokens must be positive, got {self.micro_tokens}")
         for name in ("steps", "seq_len", "n_layer", "n_head", "d_model", "eval_samples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+        if self.micro_tokens is not None and self.micro_tokens < self.seq_len:
+            raise ConfigError(f"--micro-tokens {self.micro_tokens} is less than --seq-len "
+                              f"{self.seq_len}, so a full-length sample would not fit; give at "
+                              f"least {self.seq_len}")
+        if self.memory is not None:
+            from .memory import parse_bytes
+
+            try:
+                parse_bytes(self.memory)
+            except BigBatchError as err:
+                raise ConfigError(f"--memory: {err}") from None
         if self.keep <= 0:
             raise ConfigError(f"--keep must be positive, got {self.keep}")
         for name in ("warmup", "eval_every", "save_every", "save_every_micro"):
@@ -147,11 +175,32 @@ class TrainConfig:
                 f"--d-model {self.d_model} is not divisible by --n-head {self.n_head}; "
                 "pick a width that is a multiple of the head count"
             )
-        self.plan()  # the batch triple must add up
+        if self.auto_micro_batch:
+            if self.accum_steps is not None:
+                raise ConfigError("--micro-batch auto chooses K itself; drop --accum-steps and "
+                                  "give --global-batch")
+            if self.micro_tokens is not None:
+                raise ConfigError("--micro-batch auto and --micro-tokens both choose how a global "
+                                  "batch is cut; give one of them")
+        else:
+            self.plan()  # the batch triple must add up
+
+    @property
+    def auto_micro_batch(self) -> bool:
+        """``--micro-batch auto``: the trainer chooses it (see :mod:`bigbatch.planner`)."""
+        return self.micro_batch == "auto"
 
     def plan(self, world_size: int | None = None) -> BatchPlan:
-        """The batch plan, filling unspecified sizes from the defaults (32 global, 8 micro)."""
+        """The batch plan, filling unspecified sizes from the defaults (32 global, 8 micro).
+
+        Raises:
+            ConfigError: ``--micro-batch auto``, which only ``train`` and ``plan`` resolve.
+        """
+        if self.auto_micro_batch:
+            raise ConfigError("--micro-batch auto is chosen by bigbatch train and bigbatch plan; "
+                              "give a number here")
         g, m, k = self.global_batch, self.micro_batch, self.accum_steps
+        assert not isinstance(m, str)
         given = sum(v is not None for v in (g, m, k))
         if given == 0:
             g, m = DEFAULT_GLOBAL_BATCH, DEFAULT_MICRO_BATCH
@@ -180,10 +229,14 @@ def _type_problems(f: dataclasses.Field, value: Any) -> list[str]:
     optional = "None" in kind
     if value is None:
         return [] if optional else [f"{_flag(name)} needs a value"]
+    if name == "micro_batch" and value == "auto":
+        return []
     if "bool" in kind:
         ok = isinstance(value, bool)
     elif "int" in kind:
         ok = isinstance(value, int) and not isinstance(value, bool)
+        if name == "micro_batch" and not ok:
+            return [f"{_flag(name)} must be a positive integer or auto, got {value!r}"]
     elif "float" in kind:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     else:

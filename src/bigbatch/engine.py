@@ -29,10 +29,12 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import BigBatchError, LossError
+from .errors import BatchPlanError, BigBatchError, LossError
 from .loss import LossSum
+from .memory import OutOfMemory, is_out_of_memory, release_memory
 from .noise import MicroGradNorms, NoiseEstimate
 from .parallel import GradSync, SyncMode
+from .plan import _rows, _slice
 from .pooled import PooledBatchNorm
 from .precision import Precision, PrecisionPolicy
 
@@ -41,6 +43,7 @@ __all__ = ["Accumulator", "BatchNormWarning", "NonFiniteError", "StepStats"]
 LossFn = Callable[[torch.nn.Module, Any], LossSum]
 OnNonFinite = Literal["skip", "raise"]
 BatchNormMode = Literal["warn", "pooled", "ignore"]
+OomMode = Literal["auto", "split", "raise"]
 
 
 class BatchNormWarning(UserWarning):
@@ -69,7 +72,11 @@ class StepStats:
         seconds: wall time of the cycle, first forward to the end of the step.
         loss_scale: the fp16 loss scale used in this cycle (None for fp32/bf16).
         noise: the cycle's gradient-noise estimate with ``noise_scale=True`` (None otherwise, on
-            a skipped step, or with fewer than two micro-batches holding items).
+            a skipped step, or with fewer than two micro-batches holding items, or when a
+            backward ran out of memory in the cycle).
+        oom_splits: micro-batches (or pieces) of this cycle that ran out of memory and were split.
+        max_rows: the largest piece a micro-batch now runs in, after out-of-memory splits (None:
+            micro-batches run whole).
     """
 
     step: int
@@ -83,6 +90,8 @@ class StepStats:
     seconds: float
     loss_scale: float | None = None
     noise: NoiseEstimate | None = None
+    oom_splits: int = 0
+    max_rows: int | None = None
 
 
 class Accumulator:
@@ -114,6 +123,19 @@ class Accumulator:
         noise_scale: measure the gradient noise scale every cycle (``StepStats.noise``; see
             :mod:`bigbatch.noise`): tensor hooks take each micro-batch's squared gradient norm.
             Not with FSDP2 (its sharded gradients hide the per-rank micro-batch gradient).
+        oom: what an out-of-memory error in a micro-batch does. ``"split"``: free what it held,
+            split it in two halves along dimension 0 and run those (recursively), keeping the
+            gradient the cycle has accumulated; the step is unchanged, since the halves' sums add
+            up to the whole's. Later micro-batches then run in pieces of at most that many rows
+            (``max_rows``), and after ``oom_regrow_after`` clean optimizer steps the size is
+            doubled again towards the largest micro-batch seen. ``"raise"``: the error propagates
+            (the cycle is left to :meth:`discard`). ``"auto"``: ``"split"`` except under FSDP2 and
+            under DDP with buffer broadcasting (their collectives cannot survive a retried
+            micro-batch on one rank), where it is ``"raise"``. Under DDP, ``"split"`` syncs the
+            gradient once in :meth:`finish` rather than during the last backward, so that a rank
+            can retry a micro-batch on its own: one all-reduce per step either way, not
+            overlapped with the backward.
+        oom_regrow_after: clean optimizer steps before a split size is doubled again.
 
     Raises:
         BigBatchError: an argument is out of range (see the message).
@@ -134,6 +156,8 @@ class Accumulator:
         sync: SyncMode = "cycle",
         batchnorm: BatchNormMode = "warn",
         noise_scale: bool = False,
+        oom: OomMode = "auto",
+        oom_regrow_after: int = 100,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise BigBatchError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -177,6 +201,7 @@ class Accumulator:
         self._bn = PooledBatchNorm(model) if batchnorm == "pooled" else None
         if batchnorm == "warn":
             _warn_batchnorm(model)
+        self._setup_oom(oom, oom_regrow_after)
 
     # -- the cycle ---------------------------------------------------------------------------
 
@@ -238,7 +263,17 @@ class Accumulator:
             self.model.zero_grad(set_to_none=True)  # a cycle's gradient is its own, nothing else
             if self._bn is not None:
                 self._bn.discard()  # so are its BatchNorm statistics
-        with self.sync.micro_batch(last) as synced:
+        if self.oom_split:
+            ls = self._accumulate_splitting(batch, loss_fn)
+        else:
+            ls = self._forward_backward(batch, loss_fn, last)
+        self._micro += 1
+        return ls
+
+    def _forward_backward(self, batch: Any, loss_fn: LossFn, last: bool,
+                          frozen: bool = False) -> LossSum:
+        """One forward and backward; adds the loss sum and count to the cycle's."""
+        with self.sync.micro_batch(last and not self.oom_split) as synced:
             with self.precision.autocast():
                 out = loss_fn(self.model, batch)
             ls = _check_loss(out)
@@ -251,6 +286,8 @@ class Accumulator:
                     if self._micro == 0:  # constant within a cycle; read once (a device sync)
                         self._noise_factor = self._prescale * (self.precision.loss_scale or 1.0)
                     self.noise.end_micro(ls.count, self._noise_factor)
+            elif frozen:
+                pass  # every parameter it reaches already holds this piece's gradient
             elif self.sync.active:
                 raise LossError(
                     "loss_fn returned a LossSum whose sum carries no gradient; under DDP/FSDP2 "
@@ -266,8 +303,113 @@ class Accumulator:
         self._synced = synced
         self._loss_sum = self._loss_sum + ls.sum.detach().to(self._loss_sum.device, torch.float64)
         self._count = self._count + ls.count
-        self._micro += 1
         return ls
+
+    # -- out of memory -------------------------------------------------------------------------
+
+    def _setup_oom(self, oom: str, regrow_after: int) -> None:
+        if oom not in ("auto", "split", "raise"):
+            raise BigBatchError(f"oom must be 'auto', 'split' or 'raise', got {oom!r}")
+        if isinstance(regrow_after, bool) or not isinstance(regrow_after, int) or regrow_after < 1:
+            raise BigBatchError(
+                f"oom_regrow_after must be a positive integer, got {regrow_after!r}")
+        blocked = None
+        if self.sync.kind == "fsdp2":
+            blocked = "FSDP2's state cannot survive an out-of-memory error mid-backward"
+        elif self.sync.kind == "ddp" and getattr(self.model, "broadcast_buffers", False) and any(
+                True for _ in self.model.buffers()):
+            blocked = ("DDP broadcasts the model's buffers in every forward, a collective that a "
+                       "retried micro-batch on one rank would misalign (pass "
+                       "broadcast_buffers=False to DistributedDataParallel to allow it)")
+        if oom == "split" and blocked:
+            raise BigBatchError(f"oom='split' is not available here: {blocked}; use oom='raise'")
+        self.oom_split = oom == "split" or (oom == "auto" and blocked is None)
+        self.max_rows: int | None = None  # pieces of at most this many rows after an OOM
+        self._largest_rows = 0
+        self._clean_steps = 0
+        self._regrow_after = regrow_after
+        self._regrow_every = regrow_after
+        self._regrown = False
+        self._oom_splits = 0
+        self._noise_ok = True
+        self._touched: list[torch.Tensor] = []
+        self._oom_frozen: list[torch.nn.Parameter] = []
+        if self.oom_split:  # which parameters a backward that failed had already reached
+            self._oom_hooks = [p.register_post_accumulate_grad_hook(self._touched.append)
+                               for p in self.model.parameters() if p.requires_grad]
+
+    def _accumulate_splitting(self, batch: Any, loss_fn: LossFn) -> LossSum:
+        """Run ``batch`` in pieces of at most ``max_rows`` rows, splitting any that run out of
+        memory; in a process group nothing syncs until :meth:`finish`."""
+        try:
+            rows = _rows(batch, "batch")
+        except BatchPlanError:
+            rows = None
+        if rows:
+            self._largest_rows = max(self._largest_rows, rows)
+        if rows is None or self.max_rows is None or rows <= self.max_rows:
+            return self._run_piece(batch, loss_fn, rows)
+        cap = self.max_rows
+        parts = [self._run_piece(_slice(batch, a, min(a + cap, rows)), loss_fn,
+                                 min(a + cap, rows) - a) for a in range(0, rows, cap)]
+        return _combine(parts)
+
+    def _run_piece(self, batch: Any, loss_fn: LossFn, rows: int | None) -> LossSum:
+        self._touched.clear()
+        pooled = self._bn.snapshot() if self._bn is not None else None
+        frozen = bool(self._oom_frozen)
+        try:
+            return self._forward_backward(batch, loss_fn, last=False, frozen=frozen)
+        except RuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
+            what = str(err).strip().splitlines()[0][:200] if str(err).strip() else "out of memory"
+        # Outside the except block: the error's traceback, and the graph its frames held, are gone.
+        touched = {id(p) for p in self._touched}
+        self._touched.clear()
+        if self.noise is not None:
+            self.noise.drop_micro()
+            self._noise_ok = self._noise_ok and not touched
+        if pooled is not None:
+            self._bn.rollback(pooled)  # type: ignore[union-attr]
+        release_memory(self.device)
+        if rows is None or rows < 2:
+            raise OutOfMemory(
+                f"out of memory in a micro-batch of {rows if rows is not None else 'unknown'} "
+                f"row(s), which cannot be split further ({what}); make one sample fit: activation "
+                "checkpointing, bf16, shorter sequences or a smaller model")
+        self._oom_splits += 1
+        if self._regrown:  # the larger size failed again: wait longer before the next try
+            self._regrow_every *= 2
+            self._regrown = False
+        self._clean_steps = 0
+        half = (rows + 1) // 2
+        self.max_rows = half if self.max_rows is None else min(self.max_rows, half)
+        # Parameters the failed backward reached hold this piece's whole gradient already: the
+        # halves must not add it again, so they do not reach them.
+        newly = [p for p in self.model.parameters() if id(p) in touched and p.requires_grad]
+        for p in newly:
+            p.requires_grad_(False)
+        self._oom_frozen.extend(newly)
+        try:
+            parts = [self._run_piece(_slice(batch, 0, half), loss_fn, half),
+                     self._run_piece(_slice(batch, half, rows), loss_fn, rows - half)]
+        finally:
+            for p in newly:
+                p.requires_grad_(True)
+            del self._oom_frozen[len(self._oom_frozen) - len(newly):]
+        return _combine(parts)
+
+    def _oom_cycle_end(self, took_step: bool) -> None:
+        """After a cycle: count clean steps, and let a split size grow back after enough."""
+        if self._oom_splits or not took_step:
+            return
+        self._clean_steps += 1
+        if self.max_rows is not None and self._clean_steps >= self._regrow_every:
+            grown = min(2 * self.max_rows, self._largest_rows)
+            self.max_rows = None if grown >= self._largest_rows else grown
+            self._clean_steps = 0
+            self._regrown = True
 
     def finish(self) -> StepStats:
         """Normalize the accumulated gradient by the cycle's item count and take the step.
@@ -299,7 +441,8 @@ class Accumulator:
                 reason = "non-finite loss"
             else:
                 grad_norm, reason = self._normalize_and_apply(count)
-                if self.noise is not None and noise_sums is not None and reason is None:
+                if (self.noise is not None and noise_sums is not None and reason is None
+                        and self._noise_ok):
                     noise = self.noise.estimate(noise_sums, grad_norm**2, count)
                 if reason is None and self._bn is not None:
                     self._bn.step()  # one running-statistics update per optimizer step taken
@@ -316,6 +459,8 @@ class Accumulator:
             if self._bn is not None:
                 self._bn.discard()  # a skipped step leaves the running statistics too
             seconds = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
+            oom_splits = self._oom_splits
+            self._oom_cycle_end(took_step=reason is None)
             self._reset_cycle()
             if reason is None:
                 self.steps_taken += 1
@@ -333,6 +478,8 @@ class Accumulator:
             seconds=seconds,
             loss_scale=scale,
             noise=noise,
+            oom_splits=oom_splits,
+            max_rows=self.max_rows,
         )
 
     def discard(self) -> None:
@@ -373,6 +520,9 @@ class Accumulator:
             "expected_micro": self._expected_micro,
             "scaler": None if scaler is None else scaler.state_dict(),
             "micro": self._micro,
+            "oom": {"max_rows": self.max_rows, "largest_rows": self._largest_rows,
+                    "clean_steps": self._clean_steps, "regrow_every": self._regrow_every,
+                    "regrown": self._regrown},
         }
         if self._micro:
             state["loss_sum"] = self._loss_sum.detach().clone()
@@ -400,6 +550,12 @@ class Accumulator:
         self._expected_micro = int(state.get("expected_micro", 1))
         if self.precision.scaler is not None and state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
+        oom = state.get("oom") or {}
+        self.max_rows = None if oom.get("max_rows") is None else int(oom["max_rows"])
+        self._largest_rows = int(oom.get("largest_rows", 0))
+        self._clean_steps = int(oom.get("clean_steps", 0))
+        self._regrow_every = int(oom.get("regrow_every", self._regrow_after))
+        self._regrown = bool(oom.get("regrown", False))
         micro = int(state.get("micro", 0))
         if not micro:
             return
@@ -483,9 +639,21 @@ class Accumulator:
         self._count: int | torch.Tensor = 0
         self._micro = 0
         self._t0: float | None = None
+        self._oom_splits = 0
+        self._noise_ok = True
         self.precision.release()
         if getattr(self, "noise", None) is not None:
             self.noise.reset()  # type: ignore[union-attr]
+
+
+def _combine(parts: list[LossSum]) -> LossSum:
+    """The pieces of one micro-batch as one :class:`LossSum` (detached sum, total count)."""
+    total = parts[0].sum.detach()
+    count = parts[0].count
+    for ls in parts[1:]:
+        total = total + ls.sum.detach().to(total.device)
+        count = count + ls.count
+    return LossSum(total, count)
 
 
 def _check_loss(out: object) -> LossSum:

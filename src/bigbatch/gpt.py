@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["GPT", "GPTConfig", "num_parameters"]
 
@@ -29,6 +30,11 @@ class GPTConfig:
         d_model: width of the residual stream.
         mlp_ratio: hidden width of each MLP, as a multiple of ``d_model``.
         dropout: dropout probability in ``[0, 1)``; 0 builds no dropout at all.
+        checkpoint_activations: keep only each block's input for backward and recompute the
+            block's activations there (``torch.utils.checkpoint``, non-reentrant): activation
+            memory falls from about ``n_layer × (17 d_model + 2 n_head T) × T`` values per sample to
+            ``n_layer × d_model × T`` plus one block's, for about one more forward of compute.
+            The result is the same (dropout masks are replayed).
 
     Raises:
         ValueError: a field is out of range; the message names the value and the fix.
@@ -41,6 +47,7 @@ class GPTConfig:
     d_model: int = 128
     mlp_ratio: int = 4
     dropout: float = 0.0
+    checkpoint_activations: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "mlp_ratio"):
@@ -55,6 +62,9 @@ class GPTConfig:
             )
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             raise ValueError(f"dropout {self.dropout!r} is not a number; give 0 <= dropout < 1")
+        if not isinstance(self.checkpoint_activations, bool):
+            raise ValueError(f"checkpoint_activations {self.checkpoint_activations!r} must be "
+                             "True or False")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout {self.dropout!r} is outside [0, 1); give 0 <= dropout < 1")
 
@@ -157,8 +167,9 @@ class GPT(nn.Module):
         ids = input_ids.long()
         positions = torch.arange(t, device=ids.device)
         x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))
+        recompute = self.config.checkpoint_activations and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return self.lm_head(self.ln_f(x))
 
 

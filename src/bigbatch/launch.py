@@ -50,6 +50,14 @@ class Ranks:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag) == 0
 
+    def smallest(self, value: int, device: torch.device) -> int:
+        """The smallest of every rank's ``value`` (one all-reduce); alone, ``value`` itself."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t)
+
     def together(self, what: str, device: torch.device, fn: Callable[[], T]) -> T:
         """Run ``fn`` on every rank; if it raises a :class:`BigBatchError` on any rank, raise on
         all of them (the failing rank with its own message), so none is left waiting."""

@@ -104,6 +104,10 @@ class MicroGradNorms:
                                    torch.where(has, 1.0 / safe, 0.0), has.double()])
         self._sq = torch.zeros((), dtype=torch.float64, device=self.device)
 
+    def drop_micro(self) -> None:
+        """Forget the norms of a micro-batch whose backward did not finish."""
+        self._norms.clear()
+
     def local_sums(self) -> torch.Tensor:
         """``[Σ_k |g_k|², Σ_k 1/B_k, micro-batches with items]`` of this rank's cycle."""
         return self._sums

@@ -130,7 +130,8 @@ class GradSync:
                 "rank stopped here; give each rank the same number of micro-batches per step")
 
     def reduce_unsynced(self, grads: list[torch.Tensor]) -> None:
-        """Average gradients that no micro-batch synced (DDP only), as DDP itself would have.
+        """Average gradients that no micro-batch synced (DDP only), as DDP itself would have, in
+        buckets of up to 25 MiB (DDP's default bucket size). DDP communication hooks are not used.
 
         Raises:
             DistributedError: under FSDP2, which keeps such gradients unsharded and unreachable.
@@ -139,7 +140,27 @@ class GradSync:
             raise DistributedError(
                 "the cycle ended without a micro-batch that synced gradients: under FSDP2 pass "
                 "last=True to the final accumulate() of each cycle (or use Accumulator.step)")
-        for g in grads:
-            dist.all_reduce(g, op=dist.ReduceOp.SUM, group=self.group)
+        for bucket in _buckets(grads):  # a few large all-reduces rather than one per tensor
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            torch._foreach_copy_(bucket, [part.view_as(g) for g, part in
+                                          zip(bucket, flat.split([g.numel() for g in bucket]))])
         if grads:
             torch._foreach_div_(grads, float(self.world_size))
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int = 25 * 2**20) -> list[list[torch.Tensor]]:
+    """Tensors grouped by dtype and device into lists of at most ``limit`` bytes (or one tensor)."""
+    out: list[list[torch.Tensor]] = []
+    open_: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], int]] = {}
+    for t in tensors:
+        key = (t.dtype, t.device)
+        bucket, size = open_.get(key, ([], 0))
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > limit:
+            out.append(bucket)
+            bucket, size = [], 0
+        bucket.append(t)
+        open_[key] = (bucket, size + nbytes)
+    out.extend(bucket for bucket, _ in open_.values() if bucket)
+    return out

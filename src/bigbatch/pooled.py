@@ -136,6 +136,15 @@ class PooledBatchNorm:
             handle.remove()
         self._handles.clear()
 
+    def snapshot(self) -> dict[_BatchNorm, _Pool]:
+        """What is pooled so far, cheaply (pooling replaces tensors, never writes into them)."""
+        return {m: _Pool(p.count, p.mean, p.m2) for m, p in self._pools.items()}
+
+    def rollback(self, snapshot: dict[_BatchNorm, _Pool]) -> None:
+        """Forget the forwards since :meth:`snapshot` (one that ran out of memory, say)."""
+        self._restore()
+        self._pools = dict(snapshot)
+
     def state_dict(self) -> dict[str, Any]:
         """What is pooled so far, by layer name (for checkpoints taken in the middle of a cycle)."""
         return {self._names[m]: {"count": p.count, "mean": p.mean.cpu(), "m2": p.m2.cpu()}

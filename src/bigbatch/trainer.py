@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,12 +29,15 @@ from safetensors.torch import save_model
 
 from . import __version__
 from .checkpoint import CheckpointError, load_latest, save_checkpoint, set_aside
-from .config import ConfigError, TrainConfig, load_config_file
+from .config import DEFAULT_GLOBAL_BATCH, ConfigError, TrainConfig, load_config_file
 from .data import TokenWindows, eval_batches, global_batches, take_samples
-from .engine import Accumulator, NonFiniteError
+from .engine import Accumulator, NonFiniteError, StepStats
 from .launch import Ranks, setup, wrap_model
+from .memory import OutOfMemory
 from .noise import NoiseScaleEMA
 from .plan import BatchPlan
+from .planner import MicroBatchChoice, plan_micro_batch
+from .precision import PrecisionPolicy
 from .progress import Progress
 from .runlog import RunLog, plot_losses, read_metrics
 from .runstate import Position, StopSignals, capture, checkpoint_name, model_state, restore
@@ -50,7 +53,7 @@ from .workload import (
 )
 
 __all__ = ["RUN_FILES", "RunStopped", "TrainResult", "check_out_dir", "evaluate",
-           "load_run_config", "train"]
+           "load_run_config", "plan_workload", "train"]
 
 # The files a run writes; --overwrite replaces these and nothing else.
 RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "model.safetensors", "loss.png", "tb",
@@ -187,16 +190,23 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
     if not main:
         stream = open(os.devnull, "w")  # noqa: SIM115 (closed with the process)
     comm = torch.device(device_name if device_name.startswith("cuda") else "cpu")
-    plan = config.plan(world_size=ranks.world_size)
+    fsdp = ranks.world_size > 1 and config.parallel == "fsdp2"
     if ranks.world_size > 1 and config.save_every_micro:
         raise ConfigError("--save-every-micro: mid-cycle checkpoints are for one process (each "
                           "rank holds its own partial gradient); use --save-every under torchrun")
+    if ranks.world_size > 1 and config.micro_tokens and (fsdp or config.on_oom != "split"):
+        raise ConfigError("--micro-tokens under torchrun gives ranks different numbers of "
+                          "micro-batches, which needs DDP with --on-oom split (gradients synced "
+                          "once per step, after the last); use --parallel ddp --on-oom split")
     out = Path(config.out) if config.out else default_out_dir()
     if not resume:
         ranks.together("checking --out", comm, lambda: check_out_dir(out, config.overwrite))
     work = ranks.together("loading the data", comm, lambda: build_workload(
         replace(config, device=device_name), data if data is not None else load_data(config)))
-    fsdp = ranks.world_size > 1 and config.parallel == "fsdp2"
+    planned: list[str] = []
+    if config.auto_micro_batch:
+        config, planned = _choose_micro_batch(config, work, ranks, comm)
+    plan = config.plan(world_size=ranks.world_size)
     net = wrap_model(work.model, config.parallel, ranks, list(work.model.blocks))
     opt = make_optimizer(work.model, config)
     sched = make_scheduler(opt, config)
@@ -205,7 +215,8 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
                       on_nonfinite="raise" if config.on_nonfinite == "stop" else "skip",
                       sync=config.grad_sync,  # type: ignore[arg-type]
                       noise_scale=config.noise_scale and not fsdp,
-                      batchnorm="pooled" if config.batchnorm == "pooled" else "warn")
+                      batchnorm="pooled" if config.batchnorm == "pooled" else "warn",
+                      oom="auto" if config.on_oom == "split" else "raise")
     schedule = (parse_accum_schedule(config.accum_schedule, micro_batch=plan.micro_batch,
                                      world_size=ranks.world_size, k_final=plan.accum_steps)
                 if config.accum_schedule else None)
@@ -256,8 +267,11 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
 
     log = RunLog(out, purge_step=position.step + 1 if resume else None) if main else None
     progress = Progress(config.steps, stream, start=position.step)
-    for note in notes:
+    for note in planned + notes:
         progress.write(note)
+    if config.on_oom == "split" and not acc.oom_split:
+        progress.write("note: out-of-memory splitting is off under FSDP2 (its state cannot "
+                       "survive an out-of-memory error mid-backward)")
     where = f" × {ranks.world_size} ranks ({config.parallel})" if ranks.world_size > 1 else ""
     progress.write(
         f"training {_count_parameters(work.model):,} parameters on {work.device}{where}: "
@@ -268,6 +282,7 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
                              start_step=position.step)
     step, first_micro, k = position.step, position.micro, plan.accum_steps
     tokens_per_sample = float(config.seq_len)  # refined from each step's item count
+    max_rows = acc.max_rows
     val_loss = math.nan
     start = time.perf_counter()
     try:
@@ -292,7 +307,16 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
                 done_before = (step * k if schedule is None
                                else schedule.samples // schedule.micro_samples)
                 for i in range(first_micro, len(micro_batches)):
-                    acc.accumulate(micro_batches[i], lm_loss, last=i == len(micro_batches) - 1)
+                    try:
+                        acc.accumulate(micro_batches[i], lm_loss,
+                                       last=i == len(micro_batches) - 1)
+                    except OutOfMemory as e:
+                        acc.discard()
+                        if ranks.world_size > 1:
+                            raise
+                        path = save(step, 0)
+                        raise RunStopped(f"stopped: {e}. The last good state is in {path}",
+                                         1) from e
                     if ranks.world_size > 1:
                         continue  # ranks stop together, between optimizer steps (below)
                     if signals.received:
@@ -311,6 +335,10 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
                     schedule.took(k)
                 if stats.count:
                     tokens_per_sample = stats.count / step_plan.global_batch
+                rows_note = _oom_note(stats, max_rows, step)
+                if rows_note:
+                    progress.write(rows_note)
+                max_rows = stats.max_rows
                 b_noise = noise.update(stats.noise)
                 tokens_per_s = stats.count / stats.seconds if stats.seconds > 0 else 0.0
                 if log is not None:
@@ -318,7 +346,8 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
                         "global_batch": step_plan.global_batch, "accum_steps": k,
                         "noise_scale": _finite_or_none(b_noise),
                         "noise_trace": None if stats.noise is None else stats.noise.trace,
-                        "noise_grad_sq": None if stats.noise is None else stats.noise.grad_sq})
+                        "noise_grad_sq": None if stats.noise is None else stats.noise.grad_sq,
+                        "oom_splits": stats.oom_splits, "max_rows": stats.max_rows})
                 note = f" | skipped: {stats.skip_reason}" if stats.skipped else ""
                 if math.isfinite(b_noise):
                     note += f" | B_noise {b_noise:,.0f} tok"
@@ -364,6 +393,48 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
     return TrainResult(out=out, steps=config.steps, main=main,
                        final_train_loss=_last_train_loss(metrics) if main else math.nan,
                        final_val_loss=val_loss, seconds=time.perf_counter() - start)
+
+
+def plan_workload(config: TrainConfig, work: Workload, *, world_size: int = 1,
+                  candidates: Sequence[int] | None = None, repeats: int = 3) -> MicroBatchChoice:
+    """:func:`~bigbatch.planner.plan_micro_batch` for the default workload: its model, loss,
+    optimizer, precision and first global batch, under ``config.memory``."""
+    g = config.global_batch or DEFAULT_GLOBAL_BATCH
+    rows = next(global_batches(len(work.train), g, config.seed))
+
+    def make_batch(m: int) -> dict[str, torch.Tensor]:
+        return work.to_device(work.train.batch(rows[:m]))
+
+    precision = PrecisionPolicy(config.precision, work.model, work.device)
+    return plan_micro_batch(work.model, lm_loss, make_batch, global_batch=g,
+                            optimizer=make_optimizer(work.model, config), world_size=world_size,
+                            budget=config.memory, candidates=candidates, repeats=repeats,
+                            autocast=precision.autocast)
+
+
+def _choose_micro_batch(config: TrainConfig, work: Workload, ranks: Ranks, comm: torch.device,
+                        ) -> tuple[TrainConfig, list[str]]:
+    """Resolve ``--micro-batch auto``: plan on this rank, then take the smallest over ranks."""
+    choice = ranks.together("planning the micro-batch", comm, lambda: plan_workload(
+        config, work, world_size=ranks.world_size))
+    micro = ranks.smallest(choice.micro_batch, comm)
+    lines = ["--micro-batch auto: candidates (forward+backward timed on this machine)",
+             choice.table(), choice.summary()]
+    if micro != choice.micro_batch:
+        lines.append(f"another rank has less memory: micro-batch {micro} on every rank")
+    return replace(config, global_batch=choice.plan.global_batch, micro_batch=micro), lines
+
+
+def _oom_note(stats: StepStats, before: int | None, step: int) -> str:
+    """A line when micro-batches ran out of memory, or grew back after clean steps."""
+    if stats.oom_splits:
+        return (f"step {step}: {stats.oom_splits} micro-batch piece(s) ran out of memory and were "
+                f"split in two; micro-batches now run in pieces of at most {stats.max_rows} rows "
+                "(the update is the same)")
+    if before is not None and stats.max_rows != before:
+        now = "whole" if stats.max_rows is None else f"in pieces of {stats.max_rows} rows"
+        return f"step {step}: no out-of-memory for a while; micro-batches run {now} again"
+    return ""
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -80,7 +80,7 @@ def build_model(config: TrainConfig, device: torch.device) -> GPT:
     """The config's GPT, initialized from ``config.seed``, on ``device`` in ``config.dtype``."""
     torch.manual_seed(config.seed)
     gpt = GPTConfig(seq_len=config.seq_len, n_layer=config.n_layer, n_head=config.n_head,
-                    d_model=config.d_model)
+                    d_model=config.d_model, checkpoint_activations=config.checkpoint_activations)
     model = GPT(gpt).to(device=device, dtype=_DTYPES[config.dtype])
     apply_batchnorm_option(model, config.batchnorm)  # the GPT has none: checked all the same
     return model
