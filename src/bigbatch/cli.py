@@ -48,7 +48,11 @@ def _number(kind: type, flag: str):
 def _micro_batch(text: str) -> int | str:
     if text == "auto":
         return text
-    return _number(int, "--micro-batch")(text)  # type: ignore[no-any-return]
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--micro-batch needs an integer or auto, got {text!r}") from None
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:

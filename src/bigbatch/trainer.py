@@ -33,7 +33,7 @@ from .config import DEFAULT_GLOBAL_BATCH, ConfigError, TrainConfig, load_config_
 from .data import TokenWindows, eval_batches, global_batches, take_samples
 from .engine import Accumulator, NonFiniteError, StepStats
 from .launch import Ranks, setup, wrap_model
-from .memory import OutOfMemory
+from .memory import OutOfMemory, is_out_of_memory, release_memory
 from .noise import NoiseScaleEMA
 from .plan import BatchPlan
 from .planner import MicroBatchChoice, plan_micro_batch
@@ -104,11 +104,35 @@ def _clear_run_files(out: Path) -> None:
 @torch.no_grad()
 def evaluate(work: Workload, samples: int, batch_size: int,
              autocast: Callable[[], AbstractContextManager]) -> tuple[float, int]:
-    """Exact token-mean loss over ``samples`` validation samples spread evenly over the set."""
+    """Exact token-mean loss over ``samples`` validation samples spread evenly over the set.
+
+    A batch that runs out of memory halves the batch size and starts the evaluation over.
+
+    Raises:
+        OutOfMemory: a single sample does not fit.
+    """
     n = min(samples, len(work.val))
     chosen = torch.linspace(0, len(work.val) - 1, n).round().long().unique()
     was_training = work.model.training
     work.model.eval()
+    try:
+        while True:
+            try:
+                return _evaluate(work, chosen, batch_size, autocast)
+            except RuntimeError as err:
+                if not is_out_of_memory(err):
+                    raise
+                if batch_size == 1:
+                    raise OutOfMemory(f"out of memory evaluating one sample ({err}); make one "
+                                      "sample fit") from None
+            release_memory(work.device)
+            batch_size = (batch_size + 1) // 2
+    finally:
+        work.model.train(was_training)
+
+
+def _evaluate(work: Workload, chosen: torch.Tensor, batch_size: int,
+              autocast: Callable[[], AbstractContextManager]) -> tuple[float, int]:
     total = torch.zeros((), dtype=torch.float64, device=work.device)
     count = 0
     for idx in eval_batches(len(chosen), batch_size):
@@ -117,7 +141,6 @@ def evaluate(work: Workload, samples: int, batch_size: int,
             ls = lm_loss(work.model, batch)
         total += ls.sum.to(torch.float64)
         count += int(ls.count)
-    work.model.train(was_training)
     return (float(total) / count if count else math.nan), count
 
 
@@ -355,7 +378,8 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
                     note += f" | K {k}"
                 progress.update(step, stats.loss, tokens_per_s, stats.lr, note)
                 if _eval_due(step, config):
-                    val_loss, val_items = evaluate(work, config.eval_samples, plan.micro_batch,
+                    val_loss, val_items = evaluate(work, config.eval_samples,
+                                                   acc.max_rows or plan.micro_batch,
                                                    acc.precision.autocast)
                     if log is not None:
                         log.eval(step, val_loss, val_items)
@@ -375,7 +399,7 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
         if log is not None:
             log.close()
     if math.isnan(val_loss):  # resumed after the last step: report the final weights anyway
-        val_loss, _ = evaluate(work, config.eval_samples, plan.micro_batch,
+        val_loss, _ = evaluate(work, config.eval_samples, acc.max_rows or plan.micro_batch,
                                acc.precision.autocast)
     final = work.model
     if fsdp:  # gather the shards (all ranks take part) into a plain copy on rank 0

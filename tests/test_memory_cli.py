@@ -1,0 +1,133 @@
+"""Memory from the command line: ``bigbatch plan``, ``--micro-batch auto``, out-of-memory in a run,
+and ``--checkpoint-activations``."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import bigbatch.trainer as trainer
+from bigbatch.config import TrainConfig
+from bigbatch.memory import OutOfMemory
+
+TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "32",
+        "--eval-samples", "16", "--device", "cpu"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bigbatch", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_bytes((stdlib / "json" / "decoder.py").read_bytes()
+                     + (stdlib / "textwrap.py").read_bytes())
+    return path
+
+
+def test_plan_prints_candidates_and_a_command(text: Path) -> None:
+    r = run("plan", "--data", str(text), "--global-batch", "8", "--memory", "64GiB",
+            "--repeats", "1", *TINY)
+    assert r.returncode == 0, r.stderr
+    assert "| micro-batch | K | predicted peak |" in r.stdout
+    for m, k in ((1, 8), (2, 4), (4, 2), (8, 1)):
+        assert f"| {m} | {k} |" in r.stdout or f"| {m} ← | {k} |" in r.stdout
+    assert "chosen: micro-batch" in r.stdout and "train with: bigbatch train" in r.stdout
+
+
+def test_train_with_auto_micro_batch_records_the_choice(tmp_path: Path, text: Path) -> None:
+    out = tmp_path / "run"
+    r = run("train", "--data", str(text), "--steps", "2", "--global-batch", "8",
+            "--micro-batch", "auto", "--memory", "64GiB", "--eval-every", "0",
+            "--out", str(out), *TINY)
+    assert r.returncode == 0, r.stderr
+    assert "--micro-batch auto: candidates" in r.stderr and "chosen: micro-batch" in r.stderr
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["micro_batch"] in (1, 2, 4, 8) and saved["global_batch"] == 8
+    # a resumed run uses the recorded size (no second, possibly different, choice)
+    assert TrainConfig(**{**saved, "out": None}).plan().micro_batch == saved["micro_batch"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["plan", "--micro-batch", "4"], "chooses the micro-batch and K itself"),
+    (["train", "--micro-batch", "auto", "--accum-steps", "2"], "drop --accum-steps"),
+    (["train", "--micro-batch", "many"], "--micro-batch needs an integer or auto"),
+    (["train", "--memory", "lots"], "--memory: memory size 'lots' is not a size"),
+    (["verify", "--micro-batch", "auto"], "give a number here"),
+    (["plan", "--candidates", "4,x"], "--candidates needs sizes"),
+])
+def test_bad_memory_options_are_one_line_errors(tmp_path: Path, args: list[str],
+                                                message: str) -> None:
+    r = run(*args, "--out", str(tmp_path / "x")) if args[0] == "train" else run(*args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_plan_help() -> None:
+    r = run("plan", "--help")
+    assert r.returncode == 0 and "--memory" in r.stdout and "--candidates" in r.stdout
+
+
+def _config(out: Path, text: Path, **kw) -> TrainConfig:
+    return TrainConfig(**{**dict(data=str(text), steps=3, global_batch=8, micro_batch=4,
+                                 eval_every=0, eval_samples=16, n_layer=1, d_model=32, n_head=2,
+                                 seq_len=32, device="cpu", dtype="float64", warmup=0,
+                                 noise_scale=False, out=str(out)), **kw})
+
+
+def test_out_of_memory_in_a_run_is_split_and_the_weights_are_unchanged(
+        tmp_path: Path, text: Path, monkeypatch) -> None:
+    clean = trainer.train(_config(tmp_path / "clean", text), stream=io.StringIO())
+    real = trainer.lm_loss
+
+    def faulty(model, batch):  # any micro-batch of more than 2 rows runs out of memory
+        if batch["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return real(model, batch)
+
+    monkeypatch.setattr(trainer, "lm_loss", faulty)
+    log = io.StringIO()
+    split = trainer.train(_config(tmp_path / "split", text), stream=log)
+    assert "ran out of memory and were split in two" in log.getvalue()
+    assert "pieces of at most 2 rows" in log.getvalue()
+    a = load_file(str(clean.out / "model.safetensors"))
+    b = load_file(str(split.out / "model.safetensors"))
+    for name in a:
+        assert (a[name] - b[name]).abs().max() <= 1e-10 * a[name].abs().max(), name
+    metrics = (split.out / "metrics.jsonl").read_text()
+    assert '"oom_splits": 1' in metrics and '"max_rows": 2' in metrics
+
+
+def test_a_sample_that_never_fits_stops_the_run_with_a_checkpoint(
+        tmp_path: Path, text: Path, monkeypatch) -> None:
+    def faulty(model, batch):
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(trainer, "lm_loss", faulty)
+    with pytest.raises(trainer.RunStopped) as info:
+        trainer.train(_config(tmp_path / "run", text), stream=io.StringIO())
+    assert info.value.exit_code == 1
+    assert "cannot be split further" in str(info.value) and "step-000000" in str(info.value)
+    assert isinstance(info.value.__cause__, OutOfMemory)
+
+
+def test_checkpointed_activations_train_the_same_weights(tmp_path: Path, text: Path) -> None:
+    outs = {}
+    for flag in (False, True):
+        out = tmp_path / f"ckpt{flag}"
+        trainer.train(_config(out, text, checkpoint_activations=flag), stream=io.StringIO())
+        outs[flag] = load_file(str(out / "model.safetensors"))
+    for name, w in outs[False].items():
+        assert (w - outs[True][name]).abs().max() <= 1e-10 * w.abs().max(), name
