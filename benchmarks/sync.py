@@ -75,7 +75,9 @@ def run(kind: str, k: int, steps: int) -> dict[str, float]:
     sent = {"bytes": 0}
     model, n_bytes = build(kind, sent)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    accs = {mode: Accumulator(model, opt, sync=mode) for mode in ("cycle", "micro")}
+    # oom="raise": DDP's own overlapped sync in the last backward (the default, oom="split", syncs
+    # once in finish() instead, so that one rank may retry a micro-batch alone)
+    accs = {mode: Accumulator(model, opt, sync=mode, oom="raise") for mode in ("cycle", "micro")}
     times: dict[str, list[float]] = {"cycle": [], "micro": []}
     bytes_per_step: dict[str, list[int]] = {"cycle": [], "micro": []}
     for step in range(steps + 2):

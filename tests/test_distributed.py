@@ -212,6 +212,29 @@ def test_torchrun_is_world_size_invariant_and_resumes(parallel: str, tmp_path: P
     assert max_rel_diff(weights(out), weights(one_process)) <= RTOL
 
 
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One document per source line: samples of 2 to 33 bytes, mostly short."""
+    lines = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text().splitlines()
+    path = tmp_path_factory.mktemp("ragged") / "lines.jsonl"
+    path.write_text("".join(json.dumps({"text": x}) + "\n" for x in lines if len(x) > 1))
+    return path
+
+
+def test_torchrun_packed_by_tokens_matches_one_process_fixed_split(tmp_path: Path,
+                                                                   ragged: Path) -> None:
+    """2 DDP ranks, each packing its share by length (ranks get different numbers of
+    micro-batches, padded with empty ones), end where 1 process with fixed micro-batches does."""
+    fixed, packed = tmp_path / "fixed", tmp_path / "packed"
+    r = bigbatch("train", "--data", str(ragged), "--steps", "3", "--out", str(fixed), *TINY)
+    assert r.returncode == 0, r.stderr
+    r = bigbatch("train", "--data", str(ragged), "--steps", "3", "--out", str(packed),
+                 "--micro-tokens", "64", *TINY, world=2)
+    assert r.returncode == 0, r.stderr
+    assert "packed by length into micro-batches of at most 64 tokens" in r.stderr
+    assert max_rel_diff(weights(packed), weights(fixed)) <= RTOL
+
+
 def test_torchrun_refuses_mid_cycle_checkpoints(tmp_path: Path, corpus: Path) -> None:
     r = bigbatch("train", "--data", str(corpus), "--steps", "2", "--save-every-micro", "1",
                  "--out", str(tmp_path / "run"), *TINY, world=2)

@@ -67,6 +67,9 @@ def test_train_with_auto_micro_batch_records_the_choice(tmp_path: Path, text: Pa
     (["train", "--memory", "lots"], "--memory: memory size 'lots' is not a size"),
     (["verify", "--micro-batch", "auto"], "give a number here"),
     (["plan", "--candidates", "4,x"], "--candidates needs sizes"),
+    (["train", "--micro-tokens", "16", "--seq-len", "32"], "is less than --seq-len 32"),
+    (["train", "--micro-tokens", "256", "--accum-schedule", "0:4"], "give one of them"),
+    (["train", "--micro-batch", "auto", "--micro-tokens", "256"], "give one of them"),
 ])
 def test_bad_memory_options_are_one_line_errors(tmp_path: Path, args: list[str],
                                                 message: str) -> None:
@@ -131,3 +134,24 @@ def test_checkpointed_activations_train_the_same_weights(tmp_path: Path, text: P
         outs[flag] = load_file(str(out / "model.safetensors"))
     for name, w in outs[False].items():
         assert (w - outs[True][name]).abs().max() <= 1e-10 * w.abs().max(), name
+
+
+def test_packing_by_tokens_trains_the_same_weights_with_fewer_padded_tokens(
+        tmp_path: Path) -> None:
+    import json
+    import sysconfig
+
+    lines = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text().splitlines()
+    data = tmp_path / "lines.jsonl"  # one sample per source line: 2 to 33 bytes
+    data.write_text("".join(json.dumps({"text": x}) + "\n" for x in lines if len(x) > 1))
+    fixed = trainer.train(_config(tmp_path / "fixed", data), stream=io.StringIO())
+    log = io.StringIO()
+    packed = trainer.train(_config(tmp_path / "packed", data, micro_tokens=64), stream=log)
+    a = load_file(str(fixed.out / "model.safetensors"))
+    b = load_file(str(packed.out / "model.safetensors"))
+    for name in a:
+        assert (a[name] - b[name]).abs().max() <= 1e-10 * a[name].abs().max(), name
+    steps = [json.loads(x) for x in (packed.out / "metrics.jsonl").read_text().splitlines()]
+    ks = [x["micro_batches"] for x in steps if x["kind"] == "train"]
+    assert all(1 <= k for k in ks) and ks != [2] * len(ks)  # K follows the lengths
+    assert "| K " in log.getvalue()

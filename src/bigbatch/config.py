@@ -147,6 +147,9 @@ class TrainConfig:
             raise ConfigError(f"--micro-tokens {self.micro_tokens} is less than --seq-len "
                               f"{self.seq_len}, so a full-length sample would not fit; give at "
                               f"least {self.seq_len}")
+        if self.micro_tokens is not None and self.accum_schedule:
+            raise ConfigError("--micro-tokens sets K per step from the lengths, --accum-schedule "
+                              "from a schedule; give one of them")
         if self.memory is not None:
             from .memory import parse_bytes
 

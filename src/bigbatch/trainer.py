@@ -35,6 +35,7 @@ from .engine import Accumulator, NonFiniteError, StepStats
 from .launch import Ranks, setup, wrap_model
 from .memory import OutOfMemory, is_out_of_memory, release_memory
 from .noise import NoiseScaleEMA
+from .packing import packed_micro_batches, pad_micro_batches
 from .plan import BatchPlan
 from .planner import MicroBatchChoice, plan_micro_batch
 from .precision import PrecisionPolicy
@@ -217,10 +218,6 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
     if ranks.world_size > 1 and config.save_every_micro:
         raise ConfigError("--save-every-micro: mid-cycle checkpoints are for one process (each "
                           "rank holds its own partial gradient); use --save-every under torchrun")
-    if ranks.world_size > 1 and config.micro_tokens and (fsdp or config.on_oom != "split"):
-        raise ConfigError("--micro-tokens under torchrun gives ranks different numbers of "
-                          "micro-batches, which needs DDP with --on-oom split (gradients synced "
-                          "once per step, after the last); use --parallel ddp --on-oom split")
     out = Path(config.out) if config.out else default_out_dir()
     if not resume:
         ranks.together("checking --out", comm, lambda: check_out_dir(out, config.overwrite))
@@ -296,11 +293,12 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
         progress.write("note: out-of-memory splitting is off under FSDP2 (its state cannot "
                        "survive an out-of-memory error mid-backward)")
     where = f" × {ranks.world_size} ranks ({config.parallel})" if ranks.world_size > 1 else ""
+    cut = (f"packed by length into micro-batches of at most {config.micro_tokens:,} tokens"
+           if config.micro_tokens else
+           f"{plan.accum_steps} micro-batches of {plan.micro_batch} × {config.seq_len} bytes")
     progress.write(
         f"training {_count_parameters(work.model):,} parameters on {work.device}{where}: "
-        f"{config.steps} steps of global batch {plan.global_batch} = {plan.accum_steps} "
-        f"micro-batches of {plan.micro_batch} × {config.seq_len} bytes"
-    )
+        f"{config.steps} steps of global batch {plan.global_batch} = {cut}")
     batches = global_batches(len(work.train), plan.global_batch, config.seed,
                              start_step=position.step)
     step, first_micro, k = position.step, position.micro, plan.accum_steps
@@ -326,7 +324,15 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
                 share = slice(ranks.rank * step_plan.local_batch,
                               (ranks.rank + 1) * step_plan.local_batch)
                 rows = rows[share]  # this rank's disjoint share of the global batch
-                micro_batches = step_plan.split(work.to_device(work.train.batch(rows)))
+                if config.micro_tokens:  # sorted by length, ≤ N tokens each, padding trimmed
+                    micro_batches = packed_micro_batches(work.train, rows, config.micro_tokens,
+                                                         work.device)
+                    if ranks.world_size > 1:  # every rank runs as many (empty ones add 0)
+                        most = -ranks.smallest(-len(micro_batches), comm)
+                        micro_batches = pad_micro_batches(micro_batches, most)
+                    k = len(micro_batches)
+                else:
+                    micro_batches = step_plan.split(work.to_device(work.train.batch(rows)))
                 done_before = (step * k if schedule is None
                                else schedule.samples // schedule.micro_samples)
                 for i in range(first_micro, len(micro_batches)):
@@ -374,7 +380,7 @@ def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
                 note = f" | skipped: {stats.skip_reason}" if stats.skipped else ""
                 if math.isfinite(b_noise):
                     note += f" | B_noise {b_noise:,.0f} tok"
-                if schedule is not None:
+                if schedule is not None or config.micro_tokens:
                     note += f" | K {k}"
                 progress.update(step, stats.loss, tokens_per_s, stats.lr, note)
                 if _eval_due(step, config):
