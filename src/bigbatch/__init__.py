@@ -17,9 +17,16 @@ from .errors import BigBatchError as BigBatchError
 from .errors import LossError as LossError
 from .loss import LossSum as LossSum
 from .loss import token_cross_entropy as token_cross_entropy
+from .memory import MemoryProfile as MemoryProfile
+from .memory import OutOfMemory as OutOfMemory
+from .memory import measure_memory as measure_memory
+from .packing import pack_batch as pack_batch
+from .packing import pack_by_tokens as pack_by_tokens
 from .parallel import DistributedError as DistributedError
 from .parallel import GradSync as GradSync
 from .plan import BatchPlan as BatchPlan
+from .planner import MicroBatchChoice as MicroBatchChoice
+from .planner import plan_micro_batch as plan_micro_batch
 from .pooled import PooledBatchNorm as PooledBatchNorm
 
 __version__ = "0.1.0"
@@ -35,11 +42,18 @@ __all__ = [
     "GradSync",
     "LossError",
     "LossSum",
+    "MemoryProfile",
+    "MicroBatchChoice",
     "NonFiniteError",
+    "OutOfMemory",
     "PooledBatchNorm",
     "StepStats",
     "contrastive_step",
     "convert_batchnorm",
     "info_nce",
+    "measure_memory",
+    "pack_batch",
+    "pack_by_tokens",
+    "plan_micro_batch",
     "token_cross_entropy",
 ]

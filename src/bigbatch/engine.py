@@ -247,10 +247,12 @@ class Accumulator:
         Args:
             batch: the micro-batch, passed to ``loss_fn``.
             loss_fn: ``loss_fn(model, batch) -> LossSum``.
-            last: this is the cycle's final micro-batch. Only matters for a DDP/FSDP2 model:
-                its backward then syncs gradients across ranks. Every rank must pass the same
-                value. (Under DDP a cycle with no ``last=True`` is synced in :meth:`finish`
-                instead, without overlapping backward; under FSDP2 that is an error.)
+            last: this is the cycle's final micro-batch. Only matters for a DDP/FSDP2 model that
+                syncs in backward (``oom="raise"``, or FSDP2): its backward then syncs gradients
+                across ranks, and every rank must pass the same value. (Under DDP a cycle with no
+                ``last=True`` is synced in :meth:`finish` instead, without overlapping backward;
+                under FSDP2 that is an error. With ``oom="split"`` DDP always syncs in
+                :meth:`finish`.)
 
         Returns:
             The :class:`LossSum` the loss function returned.
