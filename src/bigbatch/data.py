@@ -10,10 +10,12 @@ into micro-batches or spread over processes, the same samples are trained on at 
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
 import sysconfig
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,7 +31,9 @@ __all__ = [
     "eval_batches",
     "global_batches",
     "load_documents",
+    "split_definitions",
     "split_documents",
+    "stdlib_definitions",
     "stdlib_root",
 ]
 
@@ -352,6 +356,25 @@ class TokenWindows:
         """
         return int((self._sizes[self._indices(indices)] - 1).sum())
 
+    def lengths(self, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Real length of each of these samples: its labels that are not ignored.
+
+        Sample ``i``'s real labels are its first ``lengths[i]`` columns (``1 <= lengths[i] <=
+        seq_len``); every later column is padding (input 0, label -100). So
+        ``batch(indices)`` cut to its first ``max(lengths)`` columns loses nothing, and
+        ``lengths(indices).sum() == tokens_in(indices)``.
+
+        Args:
+            indices: sample indices in ``[0, len(self))``, a 1-D tensor or sequence of ints.
+
+        Returns:
+            ``LongTensor[len(indices)]``, in the order of ``indices``.
+
+        Raises:
+            IndexError: an index is out of range.
+        """
+        return self._sizes[self._indices(indices)] - 1
+
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -486,3 +509,71 @@ def vary_lengths(batch: dict[str, torch.Tensor], seed: int, step: int, min_len: 
     lengths = torch.randint(min(min_len, seq_len), seq_len + 1, (rows, 1), generator=gen)
     keep = torch.arange(seq_len).unsqueeze(0) < lengths.to(labels.device)
     return {**batch, "labels": torch.where(keep, labels, torch.full_like(labels, IGNORE_INDEX))}
+
+
+_DEFINITION_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def split_definitions(docs: Sequence[Document]) -> list[Document]:
+    """Cut Python sources into one document per top-level function or class.
+
+    Each document is parsed with :func:`ast.parse`; every ``def``, ``async def`` and ``class`` in
+    the module body becomes one document: its source lines, from its first decorator to its last
+    line, byte for byte (nested definitions stay inside their parent). Code between definitions
+    (imports, constants, ``if __name__ == ...``) is left out. A document that does not parse
+    (not Python, a syntax of another Python version, a null byte) is skipped, and so are
+    definitions whose source is empty.
+
+    Lengths vary a lot — one-line helpers next to classes of thousands of lines — which makes
+    this a natural variable-length corpus.
+
+    Args:
+        docs: ``(name, bytes)`` documents, e.g. from :func:`load_documents`.
+
+    Returns:
+        ``(name, bytes)`` pairs named ``"<document name>:<definition name>"`` (for example
+        ``"json/encoder.py:JSONEncoder"``), in document order and, within a document, in source
+        order. A name defined twice at the top level of one file gives two documents of the
+        same name.
+    """
+    out: list[Document] = []
+    for name, data in docs:
+        try:
+            with warnings.catch_warnings():  # e.g. invalid escape sequences in old sources
+                warnings.simplefilter("ignore")
+                tree = ast.parse(data, filename=name)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue
+        # bytes.splitlines breaks at \n, \r and \r\n only: the line ends the parser counts.
+        lines = data.splitlines(keepends=True)
+        for node in tree.body:
+            if not isinstance(node, _DEFINITION_NODES) or node.end_lineno is None:
+                continue
+            first = min([d.lineno for d in node.decorator_list] + [node.lineno])
+            source = b"".join(lines[first - 1 : node.end_lineno])
+            if source:
+                out.append((f"{name}:{node.name}", source))
+    return out
+
+
+def stdlib_definitions() -> list[Document]:
+    """One document per top-level function or class of the standard library's sources.
+
+    :func:`split_definitions` applied to :func:`load_documents` ``(None)`` (the same ``.py``
+    files ``bigbatch train`` learns from by default); deterministic for a given Python
+    installation. Parsing the whole library takes a few seconds.
+
+    Returns:
+        ``(name, bytes)`` pairs such as ``"json/encoder.py:JSONEncoder"``.
+
+    Raises:
+        DataError: the standard library holds no ``.py`` sources, or none of them holds a
+            top-level definition.
+    """
+    docs = split_definitions(load_documents(None))
+    if not docs:
+        raise DataError(
+            f"the standard library at {stdlib_root()} holds no top-level function or class "
+            "(stripped install); use load_documents() on sources that have some"
+        )
+    return docs
