@@ -73,7 +73,8 @@ def test_sizes_over_budget_are_not_run(monkeypatch) -> None:
     monkeypatch.setattr(planner, "time_micro_batch", timed)
     monkeypatch.setattr(planner, "measure_memory", measured)
     choice = planner.plan_micro_batch(model, loss, make, global_batch=32, world_size=1,
-                                      budget=1000 + 100 * 5)  # up to 5 samples fit
+                                      budget=1000 + 650, margin=0.3)  # 650 = 5 × 100 × 1.3
+    # (a size fits when held + (predicted − held) × (1 + margin) ≤ budget)
     assert choice.micro_batch == 4 and sorted(set(calls)) == [1, 2, 4]
     over = [c for c in choice.candidates if not c.fits]
     assert [c.micro_batch for c in over] == [8, 16, 32]
