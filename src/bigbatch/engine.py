@@ -16,6 +16,9 @@ constant for the whole cycle, and the final division is by ``c · N``. The const
 in the mathematics; it keeps gradient magnitudes at the scale of a mean loss, which matters for
 fp16, whose range a sum over many tokens would overflow. Before the first cycle has been counted,
 ``c`` is estimated from the first micro-batch: ``1 / (count_1 × micro-batches in the cycle)``.
+Without fp16 loss scaling the backward is seeded with ``c`` (``sum_k.backward(c)``, no
+multiplication node), and the division by ``c · N`` is folded into the clipping factor:
+``g ← G · min(1, max_norm / (‖G‖/(c·N) + 1e-6)) / (c·N)`` is one pass over the gradients.
 """
 
 from __future__ import annotations
@@ -194,6 +197,8 @@ class Accumulator:
         self.steps_skipped = 0
         self._prescale: float | None = None  # see the module docstring
         self._expected_micro = 1
+        self._seed_tensor: torch.Tensor | None = None  # the prescale as backward's seed
+        self._seed_value: float | None = None
         self._reset_cycle()
         if batchnorm not in ("warn", "pooled", "ignore"):
             raise BigBatchError(
@@ -282,7 +287,10 @@ class Accumulator:
             if self._prescale is None:  # first cycle ever: estimate the cycle's count (one sync)
                 self._prescale = self._first_prescale(ls.count)
             if ls.sum.requires_grad:
-                self.precision.scale(ls.sum * self._prescale).backward()
+                if self.precision.scaler is None:  # d(sum·c)/d(sum) = c: seed backward with c
+                    ls.sum.backward(self._seed(ls.sum))  # (no multiplication node per micro)
+                else:
+                    self.precision.scale(ls.sum * self._prescale).backward()
                 self.precision.collect()
                 if self.noise is not None:
                     if self._micro == 0:  # constant within a cycle; read once (a device sync)
@@ -593,26 +601,34 @@ class Accumulator:
         """
         grads = self.precision.grads(self._params())
         assert self._prescale is not None  # set by the cycle's first accumulate()
-        if grads:  # DDP and FSDP2 averaged over ranks: undo that (see bigbatch.parallel)
-            world = self.sync.world_size if self.sync.active else 1
-            torch._foreach_mul_(grads, world / (self._prescale * count))
+        # The accumulated gradient is G = c·Σ_k ∇sum_k (c: the prescale; DDP and FSDP2 average
+        # it over ranks, hence the world size): g = f·G with f = world / (c·count).
+        world = self.sync.world_size if self.sync.active else 1
+        factor = world / (self._prescale * count)
         self._prescale = 1.0 / count
         scaler = self.precision.scaler
-        if scaler is not None:
+        if scaler is not None:  # unscale_ reads the gradient as the optimizer would: scale first
+            if grads:
+                torch._foreach_mul_(grads, factor)
+            factor = 1.0
             scaler.unscale_(self.optimizer)
-        norm = _total_norm(grads)
+        norm = _total_norm(grads) * factor  # ‖f·G‖ = f·‖G‖
         grad_norm = float(norm)
         if not math.isfinite(grad_norm):
             if scaler is None:
                 return grad_norm, "non-finite gradient"
             scaler.update()  # records the overflow and lowers the scale; no optimizer step
             return grad_norm, "fp16 overflow"
-        if self.clip_grad_norm is not None and grads:
+        # One pass over the gradients: G × f × min(1, max_norm / (‖g‖ + 1e-6)).
+        if grads and self.clip_grad_norm is not None:
             if self.sync.kind == "fsdp2":  # sharded DTensor gradients: a Python scalar mixes in
-                torch._foreach_mul_(grads, min(1.0, self.clip_grad_norm / (grad_norm + 1e-6)))
+                torch._foreach_mul_(
+                    grads, factor * min(1.0, self.clip_grad_norm / (grad_norm + 1e-6)))
             else:
-                coef = torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0)
+                coef = torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0) * factor
                 torch._foreach_mul_(grads, coef.to(grads[0].device))
+        elif grads and factor != 1.0:
+            torch._foreach_mul_(grads, factor)
         self.precision.write_back()
         if scaler is not None:
             scaler.step(self.optimizer)
@@ -629,6 +645,15 @@ class Accumulator:
         estimate = torch.tensor(float(max(int(count), 1) * self._expected_micro),
                                 dtype=torch.float64, device=self.device)
         return 1.0 / float(self.sync.all_reduce_sum(estimate))
+
+    def _seed(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """The prescale ``c`` as a scalar tensor like ``loss_sum`` (made once per cycle)."""
+        seed = self._seed_tensor
+        if (seed is None or seed.dtype != loss_sum.dtype or seed.device != loss_sum.device
+                or self._seed_value != self._prescale):
+            seed = torch.full((), self._prescale, dtype=loss_sum.dtype, device=loss_sum.device)
+            self._seed_tensor, self._seed_value = seed, self._prescale
+        return seed
 
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
