@@ -63,25 +63,33 @@ LOOPS = ("hand", "hand2", "exact", "exact-fused", "bigbatch", "bigbatch-raise")
 
 
 class ExactHand(Method):
-    """The engine's arithmetic, by hand: ``sum · c`` backward, one rescale, clip, step."""
+    """Exact accumulation by hand, as the engine first did it: ``sum · c`` backward, one
+    rescale, clip, step."""
 
     name = "exact"
+    seeded = False  # backward on sum · c (a multiplication node), or seeded with c
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
         self.optimizer = make_optimizer(model)
         self.c = None
 
-    def step(self, cycle: list) -> None:
+    def accumulate(self, cycle: list) -> tuple[list[torch.Tensor], int]:
+        """Backward on every micro-batch's prescaled sum; the gradients and the item count."""
         count = torch.zeros((), dtype=torch.int64)
         for batch in cycle:
             ls = sum_loss(self.model, batch)
             if self.c is None:
                 self.c = 1.0 / (int(ls.count) * len(cycle))
-            (ls.sum * self.c).backward()
+            if self.seeded:
+                ls.sum.backward(torch.full((), self.c, dtype=ls.sum.dtype))
+            else:
+                (ls.sum * self.c).backward()
             count += ls.count
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        n = int(count)
+        return [p.grad for p in self.model.parameters() if p.grad is not None], int(count)
+
+    def step(self, cycle: list) -> None:
+        grads, n = self.accumulate(cycle)
         torch._foreach_mul_(grads, 1.0 / (self.c * n))
         self.c = 1.0 / n
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
@@ -98,17 +106,10 @@ class ExactFused(ExactHand):
     """
 
     name = "exact-fused"
+    seeded = True  # no multiplication node
 
     def step(self, cycle: list) -> None:
-        count = torch.zeros((), dtype=torch.int64)
-        for batch in cycle:
-            ls = sum_loss(self.model, batch)
-            if self.c is None:
-                self.c = 1.0 / (int(ls.count) * len(cycle))
-            ls.sum.backward(torch.full((), self.c, dtype=ls.sum.dtype))  # no Mul node
-            count += ls.count
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        n = int(count)
+        grads, n = self.accumulate(cycle)
         scale = self.c * n  # the accumulated gradient is scale × the normalized one
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) / scale
         coef = torch.clamp(CLIP / (norm + 1e-6), max=1.0)

@@ -19,6 +19,7 @@ shard (P·4/W).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -128,6 +129,8 @@ def main() -> None:
               f"{r['grad_bytes_shard'] / mib:.1f} MiB with sync every micro-batch (shard)")
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    dist.barrier()
+    gc.collect()  # DDP/FSDP2 objects hold the group; see bigbatch.launch.Ranks.close
     dist.destroy_process_group()
 
 

@@ -4,6 +4,7 @@ and INIT_FILE in the environment (set by :func:`launch`). Each rank writes ``OUT
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -282,7 +283,9 @@ def main() -> None:
     try:
         result = globals()[f"case_{case}"]()
         torch.save(result, out / f"rank{dist.get_rank()}.pt")
+        dist.barrier()
     finally:
+        gc.collect()  # DDP/FSDP2 objects hold the group; see bigbatch.launch.Ranks.close
         dist.destroy_process_group()
 
 

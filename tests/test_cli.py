@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,6 @@ TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "32",
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "bigbatch", *args], capture_output=True,
                           text=True, cwd=cwd, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small real text: two standard-library modules' source."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_bytes((stdlib / "json" / "decoder.py").read_bytes()
-                     + (stdlib / "textwrap.py").read_bytes())
-    return path
 
 
 def records(out: Path) -> list[dict]:

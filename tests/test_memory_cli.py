@@ -26,17 +26,6 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import sysconfig
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_bytes((stdlib / "json" / "decoder.py").read_bytes()
-                     + (stdlib / "textwrap.py").read_bytes())
-    return path
-
-
 def test_plan_prints_candidates_and_a_command(text: Path) -> None:
     r = run("plan", "--data", str(text), "--global-batch", "8", "--memory", "64GiB",
             "--repeats", "1", *TINY)

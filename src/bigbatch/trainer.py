@@ -201,10 +201,13 @@ def train(config: TrainConfig, *, resume: bool = False, stream: TextIO | None = 
         RunStopped: stopped by SIGINT/SIGTERM or a non-finite loss, after a checkpoint.
     """
     ranks, device_name = setup(config.device)
+    finished = False
     try:
-        return _train(config, ranks, device_name, resume, stream, data)
+        result = _train(config, ranks, device_name, resume, stream, data)
+        finished = True
+        return result
     finally:
-        ranks.close()
+        ranks.close(wait=finished)
 
 
 def _train(config: TrainConfig, ranks: Ranks, device_name: str, resume: bool,
