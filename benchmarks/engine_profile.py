@@ -62,7 +62,7 @@ from .peer_methods import (
 LOOPS = ("hand", "hand2", "exact", "exact-fused", "bigbatch", "bigbatch-raise")
 
 
-class ExactHand(Method):
+class ExactHand(HandLoop):
     """Exact accumulation by hand, as the engine first did it: ``sum · c`` backward, one
     rescale, clip, step."""
 
@@ -71,8 +71,7 @@ class ExactHand(Method):
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
-        self.optimizer = make_optimizer(model)
-        self.c = None
+        self.c: float | None = None
 
     def accumulate(self, cycle: list) -> tuple[list[torch.Tensor], int]:
         """Backward on every micro-batch's prescaled sum; the gradients and the item count."""
@@ -92,9 +91,7 @@ class ExactHand(Method):
         grads, n = self.accumulate(cycle)
         torch._foreach_mul_(grads, 1.0 / (self.c * n))
         self.c = 1.0 / n
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.apply()
 
 
 class ExactFused(ExactHand):

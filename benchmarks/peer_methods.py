@@ -237,6 +237,10 @@ class HandLoop(Method):
         k = len(cycle)
         for batch in cycle:
             (mean_loss(self.model, batch) / k).backward()
+        self.apply()
+
+    def apply(self) -> None:
+        """Clip the accumulated gradient, step, and zero it."""
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -288,21 +292,15 @@ class AccelerateLoop(Method):
                 self.optimizer.zero_grad()
 
 
-class FullBatch(Method):
+class FullBatch(HandLoop):
     """The truth: one pass over the concatenated cycle, loss = mean over all its real tokens."""
 
     name = "full"
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self.optimizer = make_optimizer(model)
-
     def step(self, cycle: Cycle) -> None:
         batch = {key: torch.cat([b[key] for b in cycle]) for key in cycle[0]}
         mean_loss(self.model, batch).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.apply()
 
 
 def make_method(name: str, model: nn.Module, k: int, device: torch.device) -> Method:
