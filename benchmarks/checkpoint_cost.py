@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from bigbatch.checkpoint import load_checkpoint, save_checkpoint
-from bigbatch.config import TrainConfig
+from bigbatch.app.checkpoint import load_checkpoint, save_checkpoint
+from bigbatch.app.config import TrainConfig
+from bigbatch.app.runstate import Position, capture, checkpoint_name
+from bigbatch.app.workload import build_model, make_optimizer, make_scheduler
 from bigbatch.engine import Accumulator
 from bigbatch.loss import token_cross_entropy
-from bigbatch.runstate import Position, capture, checkpoint_name
-from bigbatch.workload import build_model, make_optimizer, make_scheduler
 
 
 def loss(model, batch):

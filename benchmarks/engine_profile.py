@@ -139,7 +139,7 @@ def _best_us(fn: object, repeat: int) -> float:
 
 def micro_costs(repeat: int) -> list[tuple[str, float]]:
     """µs of each piece of work the engine adds to a hand loop (see the module docstring)."""
-    from bigbatch.plan import _rows
+    from bigbatch.batching import batch_rows as _rows
 
     model = build_model("default", FULL_SHAPE)
     params = list(model.parameters())

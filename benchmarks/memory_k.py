@@ -75,8 +75,14 @@ from typing import Any
 import torch
 
 from bigbatch import Accumulator
-from bigbatch.config import TrainConfig
-from bigbatch.workload import build_model, lm_loss, make_optimizer, make_scheduler, resolve_device
+from bigbatch.app.config import TrainConfig
+from bigbatch.app.workload import (
+    build_model,
+    lm_loss,
+    make_optimizer,
+    make_scheduler,
+    resolve_device,
+)
 
 MIB = 2**20
 TARGET = 1.05  # accumulated step peak / single micro-batch step peak

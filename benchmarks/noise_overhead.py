@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bigbatch import Accumulator
-from bigbatch.gpt import GPT, GPTConfig
+from bigbatch.app.models.gpt import GPT, GPTConfig
 from bigbatch.loss import token_cross_entropy
 
 SEQ = 128

@@ -45,16 +45,17 @@ from typing import Any
 import torch
 
 from bigbatch import Accumulator, BatchPlan
-from bigbatch.data import (
+from bigbatch.app.data import (
     TokenWindows,
     global_batches,
     load_documents,
+    packed_micro_batches,
     split_definitions,
     stdlib_definitions,
 )
-from bigbatch.gpt import GPT, GPTConfig
-from bigbatch.packing import label_lengths, packed_micro_batches, trim_padding
-from bigbatch.workload import lm_loss
+from bigbatch.app.models.gpt import GPT, GPTConfig
+from bigbatch.app.workload import lm_loss
+from bigbatch.packing import label_lengths, trim_padding
 
 ARMS = ("fixed", "fixed, trimmed", "packed")
 

@@ -52,16 +52,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigbatch import Accumulator
-from bigbatch.data import (
-    IGNORE_INDEX,
+from bigbatch.app.data import (
     TokenWindows,
     load_documents,
     split_documents,
     take_samples,
     vary_lengths,
 )
-from bigbatch.gpt import GPT, GPTConfig
-from bigbatch.loss import LossSum, token_cross_entropy
+from bigbatch.app.models.gpt import GPT, GPTConfig
+from bigbatch.loss import IGNORE_INDEX, LossSum, token_cross_entropy
 
 Batch = dict[str, torch.Tensor]
 Cycle = list[Batch]

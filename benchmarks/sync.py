@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from bigbatch import Accumulator
-from bigbatch.gpt import GPT, GPTConfig
+from bigbatch.app.models.gpt import GPT, GPTConfig
 from bigbatch.loss import token_cross_entropy
 
 SEQ, MICRO = 128, 4

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import bigbatch
-from bigbatch.gpt import GPT, GPTConfig
+from bigbatch.app.models.gpt import GPT, GPTConfig
 
 torch.manual_seed(0)
 torch.set_default_dtype(torch.float64)

@@ -239,7 +239,7 @@ def case_contrastive() -> dict:
 def case_uneven() -> dict:
     """Rank 1 has one micro-batch fewer: both ranks must stop with the same clear error."""
     from bigbatch import Accumulator
-    from bigbatch.parallel import DistributedError
+    from bigbatch.engine.sync import DistributedError
 
     rank = dist.get_rank()
     net = _ddp(model())
@@ -256,7 +256,7 @@ def case_uneven() -> dict:
 def case_refusals() -> dict:
     """A plain module in a group, and an FSDP2 cycle that never synced, are refused clearly."""
     from bigbatch import Accumulator
-    from bigbatch.parallel import DistributedError
+    from bigbatch.engine.sync import DistributedError
 
     out = {}
     try:

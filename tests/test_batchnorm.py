@@ -15,10 +15,10 @@ from torch import nn
 
 import bigbatch
 from bigbatch import Accumulator, BatchPlan, FrozenBatchNorm, LossSum, PooledBatchNorm
+from bigbatch.app.cli import main
+from bigbatch.app.config import ConfigError, TrainConfig
+from bigbatch.app.workload import apply_batchnorm_option, build_model
 from bigbatch.batchnorm import group_count
-from bigbatch.cli import main
-from bigbatch.config import ConfigError, TrainConfig
-from bigbatch.workload import apply_batchnorm_option, build_model
 
 BN = nn.modules.batchnorm._BatchNorm
 
@@ -241,7 +241,7 @@ def test_pooled_state_dict_mid_cycle_resumes_exactly() -> None:
     for micro in cycle[:2]:
         acc1.accumulate(micro, out_loss)
     state, weights = copy.deepcopy(acc1.state_dict()), copy.deepcopy(m1.state_dict())
-    assert set(state["batchnorm"]) == {"bn1", "bn2", "bn3", "bn_seq"}
+    assert set(state["features"]["batchnorm"]) == {"bn1", "bn2", "bn3", "bn_seq"}
     m2 = copy.deepcopy(model)
     m2.load_state_dict(weights)
     acc2 = Accumulator(m2, sgd(m2), batchnorm="pooled")

@@ -22,7 +22,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load, save
 
-from bigbatch.checkpoint import (
+from bigbatch.app.checkpoint import (
     CheckpointError,
     flatten_state,
     list_checkpoints,
@@ -278,7 +278,7 @@ def test_killed_mid_write_leaves_previous_checkpoint_usable(tmp_path: Path) -> N
     save_checkpoint(tmp_path, "step-1", {"n": 1})
     script = textwrap.dedent(f"""
         import os, signal, torch
-        import bigbatch.checkpoint as c
+        import bigbatch.app.checkpoint as c
         real = c._fsync
         def fsync_then_die(path):
             real(path)

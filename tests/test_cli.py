@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, load_model
 
-from bigbatch.gpt import GPT, GPTConfig
+from bigbatch.app.models.gpt import GPT, GPTConfig
 
 TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "32",
         "--eval-samples", "16", "--device", "cpu"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from bigbatch import BatchPlanError
-from bigbatch.compare import compare, format_compare
-from bigbatch.config import TrainConfig
+from bigbatch.app.compare import compare, format_compare
+from bigbatch.app.config import TrainConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,8 +7,8 @@ import io
 import pytest
 
 from bigbatch import BatchPlanError
-from bigbatch.config import ConfigError, TrainConfig
-from bigbatch.progress import Progress
+from bigbatch.app.config import ConfigError, TrainConfig
+from bigbatch.app.progress import Progress
 
 
 @pytest.mark.parametrize(("kwargs", "triple"), [

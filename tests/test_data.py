@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 import torch
 
-from bigbatch.data import (
+from bigbatch.app.data import (
     DataError,
     TokenWindows,
     eval_batches,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bigbatch.gpt import GPT, GPTConfig, num_parameters
+from bigbatch.app.models.gpt import GPT, GPTConfig, num_parameters
 
 SMALL = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32, mlp_ratio=3)
 

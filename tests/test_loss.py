@@ -93,7 +93,7 @@ def test_bad_loss_returns_are_named(returned, message) -> None:
     [
         ({"clip_grad_norm": 0}, "clip_grad_norm must be a positive finite number"),
         ({"clip_grad_norm": math.inf}, "clip_grad_norm must be a positive finite number"),
-        ({"on_nonfinite": "ignore"}, "on_nonfinite must be 'skip' or 'raise'"),
+        ({"on_nonfinite": "ignore"}, "on_nonfinite must be 'skip' or 'stop'"),
     ],
 )
 def test_accumulator_argument_errors(kwargs, message) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bigbatch import LossSum
-from bigbatch.gpt import GPT, GPTConfig
+from bigbatch.app.models.gpt import GPT, GPTConfig
 from bigbatch.loss import token_cross_entropy
 from bigbatch.memory import (
     MemoryBudgetError,

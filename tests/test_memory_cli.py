@@ -13,8 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import bigbatch.trainer as trainer
-from bigbatch.config import TrainConfig
+import bigbatch.app.trainer as trainer
+from bigbatch.app.config import TrainConfig
 from bigbatch.memory import OutOfMemory
 
 TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "32",

@@ -76,15 +76,11 @@ def test_redoing_parameters_the_failed_backward_reached_would_be_wrong(monkeypat
     model = FaultyLM()
     model.limits["backward"] = 2
     acc = Accumulator(model, sgd(model), clip_grad_norm=None)
-    acc._touched = _Forgetful()  # the engine no longer knows which parameters were reached
+    # the runner no longer knows which parameters the failed backward reached
+    monkeypatch.setattr(acc.runner, "reached", lambda: [])
     for cycle in data:
         acc.step(cycle, lm_sum)
     assert max_rel_diff(model, truth(data, clip=None)) > 1e-3
-
-
-class _Forgetful(list):
-    def append(self, item: object) -> None:
-        pass
 
 
 def test_split_size_grows_back_after_clean_steps() -> None:
@@ -98,7 +94,7 @@ def test_split_size_grows_back_after_clean_steps() -> None:
     assert acc.step(data[3], lm_sum).max_rows is None
     model.limits["forward"] = 2  # fails again after growing: waits twice as long next time
     stats = [acc.step(c, lm_sum) for c in data[4:]]
-    assert [s.oom_splits for s in stats] == [1, 0] and acc._regrow_every == 4
+    assert [s.oom_splits for s in stats] == [1, 0] and acc.runner.regrow_every == 4
 
 
 def test_one_row_that_does_not_fit_is_a_clear_error() -> None:

@@ -15,20 +15,20 @@ from hypothesis import strategies as st
 from reference import RTOL, TinyLM, full_batch_train, lm_batch, lm_mean_loss, max_rel_diff
 
 from bigbatch import Accumulator, BatchPlan, BigBatchError, LossSum, token_cross_entropy
-from bigbatch.data import (
-    IGNORE_INDEX,
+from bigbatch.app.data import (
     TokenWindows,
     global_batches,
+    packed_micro_batches,
     split_definitions,
     stdlib_definitions,
 )
-from bigbatch.gpt import GPT, GPTConfig
+from bigbatch.app.models.gpt import GPT, GPTConfig
+from bigbatch.loss import IGNORE_INDEX
 from bigbatch.packing import (
     PackingError,
     label_lengths,
     pack_batch,
     pack_by_tokens,
-    packed_micro_batches,
     pad_micro_batches,
     trim_padding,
 )

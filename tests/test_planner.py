@@ -100,11 +100,11 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     import torch
     from bigbatch import Accumulator
-    from bigbatch.config import TrainConfig
-    from bigbatch.data import global_batches
+    from bigbatch.app.config import TrainConfig
+    from bigbatch.app.data import global_batches
     from bigbatch.memory import PeakMeter, current_memory
-    from bigbatch.trainer import plan_workload
-    from bigbatch.workload import build_workload, lm_loss, make_optimizer
+    from bigbatch.app.trainer import plan_workload
+    from bigbatch.app.workload import build_workload, lm_loss, make_optimizer
 
     config = TrainConfig(global_batch=32, device="cpu", seed=0)
     work = build_workload(config)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import bigbatch.trainer as trainer
-from bigbatch.checkpoint import list_checkpoints, load_checkpoint
-from bigbatch.config import TrainConfig
+import bigbatch.app.trainer as trainer
+from bigbatch.app.checkpoint import list_checkpoints, load_checkpoint
+from bigbatch.app.config import TrainConfig
 from bigbatch.loss import LossSum
 
 TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "32",

@@ -12,15 +12,9 @@ import torch
 from reference import RTOL, TinyLM, lm_batch, lm_mean_loss, max_rel_diff
 
 from bigbatch import Accumulator, BatchPlan, LossSum, token_cross_entropy
-from bigbatch.config import ConfigError, TrainConfig
-from bigbatch.verify import (
-    default_rtol,
-    default_verify_inputs,
-    format_table,
-    load_factory,
-    naive_loss,
-    verify,
-)
+from bigbatch.app.config import ConfigError, TrainConfig
+from bigbatch.app.verify import default_verify_inputs, load_factory
+from bigbatch.verify import VerifyError, default_rtol, format_table, naive_loss, verify
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +111,9 @@ def test_verify_passes_in_float64_and_naive_fails(text: Path) -> None:
 def test_verify_refuses_a_batch_that_does_not_fill_k_micro_batches(float64: None) -> None:
     model = TinyLM()
     plan = BatchPlan(global_batch=8, micro_batch=2, world_size=1)
-    with pytest.raises(ConfigError, match=r"batch 1 has 4 rows but the plan takes 8 \(K=4"):
+    with pytest.raises(VerifyError, match=r"batch 1 has 4 rows but the plan takes 8 \(K=4"):
         verify(model, [lm_batch(4)], lm_loss, plan=plan, make_optimizer=sgd, rtol=1e-10)
-    with pytest.raises(ConfigError, match="normalization must be 'exact' or 'naive'"):
+    with pytest.raises(VerifyError, match="normalization must be 'exact' or 'naive'"):
         verify(model, [lm_batch(8)], lm_loss, plan=plan, make_optimizer=sgd, rtol=1e-10,
                normalization="mean")  # type: ignore[arg-type]
 
@@ -127,7 +121,7 @@ def test_verify_refuses_a_batch_that_does_not_fill_k_micro_batches(float64: None
 def test_default_rtol() -> None:
     assert default_rtol(torch.float64) == 1e-10
     assert default_rtol(torch.float32) == 1e-4
-    with pytest.raises(ConfigError, match="use --dtype float32 or float64"):
+    with pytest.raises(VerifyError, match="use --dtype float32 or float64"):
         default_rtol(torch.bfloat16)
 
 

@@ -10,11 +10,13 @@ from .contrastive import contrastive_step as contrastive_step
 from .contrastive import info_nce as info_nce
 from .engine import Accumulator as Accumulator
 from .engine import BatchNormWarning as BatchNormWarning
-from .engine import NonFiniteError as NonFiniteError
+from .engine import DistributedError as DistributedError
+from .engine import GradSync as GradSync
 from .engine import StepStats as StepStats
 from .errors import BatchPlanError as BatchPlanError
 from .errors import BigBatchError as BigBatchError
 from .errors import LossError as LossError
+from .errors import NonFiniteError as NonFiniteError
 from .loss import LossSum as LossSum
 from .loss import token_cross_entropy as token_cross_entropy
 from .memory import MemoryProfile as MemoryProfile
@@ -22,8 +24,6 @@ from .memory import OutOfMemory as OutOfMemory
 from .memory import measure_memory as measure_memory
 from .packing import pack_batch as pack_batch
 from .packing import pack_by_tokens as pack_by_tokens
-from .parallel import DistributedError as DistributedError
-from .parallel import GradSync as GradSync
 from .plan import BatchPlan as BatchPlan
 from .planner import MicroBatchChoice as MicroBatchChoice
 from .planner import plan_micro_batch as plan_micro_batch

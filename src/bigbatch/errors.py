@@ -6,7 +6,7 @@ command line (or a user's own script) can catch it once and print its one-line m
 
 from __future__ import annotations
 
-__all__ = ["BigBatchError", "BatchPlanError", "LossError"]
+__all__ = ["BatchPlanError", "BigBatchError", "LossError", "NonFiniteError"]
 
 
 class BigBatchError(ValueError):
@@ -19,3 +19,8 @@ class BatchPlanError(BigBatchError):
 
 class LossError(BigBatchError):
     """A loss function returned something the engine cannot normalize exactly."""
+
+
+class NonFiniteError(BigBatchError):
+    """A loss or gradient was NaN or infinite and the engine was told to stop
+    (``on_nonfinite="stop"``)."""

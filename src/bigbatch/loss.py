@@ -17,7 +17,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossSum", "token_cross_entropy"]
+from .errors import LossError
+
+__all__ = ["IGNORE_INDEX", "LossSum", "check_loss", "token_cross_entropy"]
+
+IGNORE_INDEX = -100
+"""The label value that marks padding (and masked prompt tokens): left out of sum and count."""
 
 
 class LossSum(NamedTuple):
@@ -48,7 +53,7 @@ class LossSum(NamedTuple):
 
 
 def token_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> LossSum:
     """Summed cross-entropy over the labels that are not ``ignore_index``, and their count.
 
@@ -76,3 +81,36 @@ def token_cross_entropy(
     flat_labels = labels.reshape(-1)
     total = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
     return LossSum(total, (flat_labels != ignore_index).sum())
+
+
+def check_loss(out: object) -> LossSum:
+    """``out`` if it is a usable :class:`LossSum`, else a :class:`~bigbatch.LossError` saying why.
+
+    Usable: ``sum`` a scalar tensor; ``count`` a non-negative ``int`` or an integer scalar tensor.
+    """
+    if not isinstance(out, LossSum):
+        hint = (
+            " (wrap a mean-reduced loss as bigbatch.LossSum.from_mean(loss, n_items))"
+            if isinstance(out, torch.Tensor)
+            else ""
+        )
+        raise LossError(
+            f"loss_fn must return bigbatch.LossSum(sum, count), got {type(out).__name__}{hint}"
+        )
+    if not isinstance(out.sum, torch.Tensor) or out.sum.dim() != 0:
+        raise LossError(
+            "LossSum.sum must be a scalar tensor, got "
+            + (f"shape {tuple(out.sum.shape)}" if isinstance(out.sum, torch.Tensor) else
+               type(out.sum).__name__)
+            + "; sum the per-item losses (reduction='sum')"
+        )
+    count = out.count
+    if isinstance(count, torch.Tensor):
+        if count.dim() != 0 or count.is_floating_point() or count.is_complex():
+            raise LossError(
+                f"LossSum.count must be an int or an integer scalar tensor, got a {count.dtype} "
+                f"tensor of shape {tuple(count.shape)}"
+            )
+    elif isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise LossError(f"LossSum.count must be a non-negative int, got {count!r}")
+    return out

@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from .data import IGNORE_INDEX, TokenWindows
+from .batching import batch_rows, take_rows
 from .errors import BigBatchError
+from .loss import IGNORE_INDEX
 
 __all__ = [
     "PackingError",
@@ -43,7 +44,6 @@ __all__ = [
     "pack_batch",
     "pack_by_tokens",
     "pad_micro_batches",
-    "packed_micro_batches",
     "trim_padding",
 ]
 
@@ -104,7 +104,7 @@ def pack_by_tokens(lengths: torch.Tensor | Sequence[int], max_tokens: int) -> li
 
     Args:
         lengths: each sample's real length (the columns it needs), e.g.
-            :meth:`TokenWindows.lengths` or :func:`label_lengths` of a global batch (on one
+            :func:`label_lengths` of a global batch (on one
             process: its own share of it). A 1-D integer tensor or a sequence of ints, >= 0.
         max_tokens: the budget of padded token positions per micro-batch, rows × columns. A
             fixed-size micro-batch of ``m`` rows of ``seq_len`` columns holds ``m × seq_len``.
@@ -234,23 +234,14 @@ def _cut(batch: Mapping[str, Any], length: int, columns: int) -> dict[str, Any]:
     }
 
 
-def _take_rows(batch: Mapping[str, Any], rows: torch.Tensor, n: int) -> dict[str, Any]:
-    return {
-        k: v.index_select(0, rows.to(v.device))
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n
-        else v
-        for k, v in batch.items()
-    }
-
-
 def pack_batch(
     batch: Mapping[str, Any], max_tokens: int, *, ignore_index: int = IGNORE_INDEX
 ) -> list[dict[str, Any]]:
     """Regroup one padded global batch into token-budget micro-batches, each trimmed.
 
     The rows' lengths are :func:`label_lengths` of ``batch["labels"]``; the groups are
-    :func:`pack_by_tokens`'s; each micro-batch holds its group's rows (every tensor whose
-    dimension 0 is the batch's row count is indexed; other values are passed through) cut by
+    :func:`pack_by_tokens`'s; each micro-batch holds its group's rows (of every tensor: all must
+    have one row per sample, see :mod:`bigbatch.batching`) cut by
     :func:`trim_padding` to the group's longest real length (at least 1). Running them through
     :meth:`~bigbatch.Accumulator.step` with a sum-and-count loss gives the update of the whole
     batch, as the fixed-size split does.
@@ -266,6 +257,7 @@ def pack_batch(
     Raises:
         PackingError: the batch has no ``"labels"`` tensor of at least 2 dimensions, or as in
             :func:`pack_by_tokens`.
+        BatchPlanError: a tensor's rows differ from the labels', or a value is not a tensor.
     """
     labels = batch.get("labels")
     if not isinstance(labels, torch.Tensor) or labels.dim() < 2:
@@ -273,52 +265,12 @@ def pack_batch(
             f"the batch has no 'labels' tensor of shape [batch, time] (keys: "
             f"{sorted(map(str, batch))}); give a padded batch with labels, or use pack_by_tokens"
         )
+    batch_rows(batch)  # every tensor holds one row per sample (BatchPlanError names any other)
     lengths = label_lengths(labels, ignore_index).cpu()
-    n = labels.shape[0]
     out = []
     for group in pack_by_tokens(lengths, max_tokens):
         width = max(int(lengths[group].max()), 1)
-        out.append(trim_padding(_take_rows(batch, group, n), width, ignore_index=ignore_index))
-    return out
-
-
-def packed_micro_batches(
-    windows: TokenWindows,
-    rows: torch.Tensor | Sequence[int],
-    max_tokens: int,
-    device: torch.device | str | None = None,
-) -> list[dict[str, torch.Tensor]]:
-    """The token-budget micro-batches of one global batch of :class:`TokenWindows` samples.
-
-    ``rows`` are the global batch's sample indices (e.g. one item of
-    :func:`~bigbatch.data.global_batches`, or a process's share of it). They are grouped by
-    :func:`pack_by_tokens` on :meth:`TokenWindows.lengths`, and each group becomes
-    ``windows.batch(rows[group])`` cut to the group's longest sample. Together the micro-batches
-    hold exactly the real tokens of ``windows.batch(rows)``, so the accumulated update is the same.
-
-    Args:
-        windows: the samples.
-        rows: sample indices of one global batch, a 1-D tensor or sequence of ints.
-        max_tokens: padded token positions per micro-batch (rows × columns); at least the
-            longest sample's length (``windows.seq_len`` is always enough).
-        device: where to put the tensors (default: leave them on the CPU).
-
-    Returns:
-        ``[{"input_ids": LongTensor[b, t], "labels": LongTensor[b, t]}, ...]`` with
-        ``b × t <= max_tokens`` each, longest samples first.
-
-    Raises:
-        IndexError: an index is out of range.
-        PackingError: as in :func:`pack_by_tokens`.
-    """
-    idx = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
-    lengths = windows.lengths(idx)
-    out = []
-    for group in pack_by_tokens(lengths, max_tokens):
-        width = max(int(lengths[group].max()), 1)
-        micro = trim_padding(windows.batch(idx[group]), width)
-        out.append({k: v.contiguous().to(device) if device is not None else v.contiguous()
-                    for k, v in micro.items()})
+        out.append(trim_padding(take_rows(dict(batch), group), width, ignore_index=ignore_index))
     return out
 
 
@@ -337,13 +289,13 @@ def pad_micro_batches(
 
     Args:
         micro_batches: one rank's micro-batches, at least one, as from :func:`pack_batch` or
-            :func:`packed_micro_batches`.
+            the command's own packer.
         n: the number wanted, ``>= len(micro_batches)``.
         ignore_index: label value of padding.
 
     Returns:
         A new list: the micro-batches given, then ``n - len(micro_batches)`` empty ones (each
-        built from the first micro-batch's first row and column; other values passed through).
+        built from the first micro-batch's first row and column).
 
     Raises:
         PackingError: ``micro_batches`` is empty or holds no ``"labels"`` tensor, or ``n`` is
@@ -364,7 +316,7 @@ def pad_micro_batches(
             "pad_micro_batches needs at least one micro-batch with a [batch, time] 'labels' "
             "tensor to copy the layout from; give the rank at least one sample"
         )
-    row = _take_rows(first, torch.zeros(1, dtype=torch.int64), len(labels))
+    row = take_rows(first, torch.zeros(1, dtype=torch.int64))
     empty = _cut(row, 1, _columns(first))
     empty["labels"] = torch.full_like(empty["labels"], ignore_index)
     return out + [dict(empty) for _ in range(n - len(out))]

@@ -2,17 +2,18 @@
 
 :class:`BatchPlan` derives the missing size from any two of the first three, refuses combinations
 that do not add up, groups a stream of micro-batches into optimizer-step cycles, and splits one big
-batch into micro-batches. It knows nothing of models or optimizers.
+batch into micro-batches (:mod:`bigbatch.batching`). It knows nothing of models or optimizers; the
+one thing it asks torch.distributed is the default world size (:mod:`bigbatch.distributed`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-import torch
-
+from .batching import batch_rows, slice_rows
+from .distributed import world_size as default_world_size
 from .errors import BatchPlanError
 
 __all__ = ["BatchPlan", "Tail"]
@@ -20,13 +21,6 @@ __all__ = ["BatchPlan", "Tail"]
 T = TypeVar("T")
 Tail = Literal["step", "drop"]
 _RULE = "global_batch = micro_batch × accum_steps × world_size"
-
-
-def default_world_size() -> int:
-    """The torch.distributed world size when a process group is up, else 1."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
 
 
 def _check_size(name: str, value: object) -> int | None:
@@ -139,7 +133,7 @@ class BatchPlan:
             BatchPlanError: the batch holds more rows than one cycle (``local_batch``), no rows,
                 tensors of different row counts, or a value that is not a tensor.
         """
-        rows = _rows(batch, "batch")
+        rows = batch_rows(batch, "batch")
         if rows is None:
             raise BatchPlanError("cannot split a batch that holds no tensors")
         if rows == 0:
@@ -150,52 +144,6 @@ class BatchPlan:
                 f"accum_steps {self.accum_steps} = {self.local_batch} rows; give one cycle's rows"
             )
         starts = range(0, rows, self.micro_batch)
-        return [_slice(batch, s, min(s + self.micro_batch, rows)) for s in starts]
+        return [slice_rows(batch, s, min(s + self.micro_batch, rows)) for s in starts]
 
 
-def _rows(batch: Any, where: str) -> int | None:
-    """Common dim-0 size of every tensor in ``batch`` (None when it holds none)."""
-    if isinstance(batch, torch.Tensor):
-        if batch.dim() == 0:
-            raise BatchPlanError(f"cannot split {where}: it is a 0-d tensor with no rows")
-        return batch.shape[0]
-    if isinstance(batch, Mapping):
-        items: Iterable[tuple[str, Any]] = ((f"{where}[{k!r}]", v) for k, v in batch.items())
-    elif isinstance(batch, (tuple, list)):
-        items = ((f"{where}[{i}]", v) for i, v in enumerate(batch))
-    else:
-        raise BatchPlanError(
-            f"cannot split {where} of type {type(batch).__name__}; a batch must be a tensor or a "
-            "dict/tuple/list of tensors"
-        )
-    rows: int | None = None
-    first = ""
-    for name, value in items:
-        n = _rows(value, name)
-        if n is None:
-            continue
-        if rows is None:
-            rows, first = n, name
-        elif n != rows:
-            raise BatchPlanError(f"cannot split: {first} has {rows} rows but {name} has {n}")
-    return rows
-
-
-def _slice(batch: Any, start: int, stop: int) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop]
-    if isinstance(batch, Mapping):
-        sliced = {k: _slice(v, start, stop) for k, v in batch.items()}
-        return sliced if type(batch) is dict else _rebuild(batch, sliced)
-    values = [_slice(v, start, stop) for v in batch]
-    if hasattr(batch, "_fields"):  # a NamedTuple takes its fields positionally
-        return type(batch)(*values)
-    return type(batch)(values)
-
-
-def _rebuild(batch: Mapping, sliced: dict) -> Any:
-    """Keep a mapping's own type (OrderedDict, a tokenizer's batch class) when it can be rebuilt."""
-    try:
-        return type(batch)(sliced)
-    except TypeError:
-        return sliced

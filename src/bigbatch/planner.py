@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .distributed import world_size as default_world_size
 from .memory import (
     MemoryBudgetError,
     MemoryProfile,
@@ -40,7 +41,7 @@ from .memory import (
     release_memory,
     time_micro_batch,
 )
-from .plan import BatchPlan, default_world_size
+from .plan import BatchPlan
 
 __all__ = ["Candidate", "MicroBatchChoice", "plan_micro_batch"]
 

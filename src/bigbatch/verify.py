@@ -1,4 +1,4 @@
-"""``bigbatch verify``: K micro-batches through the engine against the full batch in one pass.
+"""K micro-batches through the engine against the full batch in one pass (``bigbatch verify``).
 
 From one starting state, each optimizer step is taken twice — once with the whole global batch in a
 single forward/backward (``∇(sum / count)``), once with the batch split into K micro-batches through
@@ -9,29 +9,26 @@ they produce are compared.
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
-import re
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from .config import ConfigError, TrainConfig
-from .data import global_batches, vary_lengths
+from .batching import batch_rows
 from .engine import Accumulator, LossFn
+from .errors import BigBatchError
 from .loss import LossSum
 from .plan import BatchPlan
-from .workload import apply_batchnorm_option, build_workload, lm_loss
 
-__all__ = ["VerifyReport", "VerifyRow", "default_rtol", "default_verify_inputs",
-           "factory_verify_inputs", "format_table", "load_factory", "naive_loss", "verify"]
+__all__ = ["VerifyError", "VerifyReport", "VerifyRow", "default_rtol", "format_table",
+           "naive_loss", "verify"]
 
 MakeOptimizer = Callable[[torch.nn.Module], torch.optim.Optimizer]
-VerifyInputs = tuple[torch.nn.Module, list[Any], LossFn, MakeOptimizer]
+
+
+class VerifyError(BigBatchError):
+    """A verification that cannot be run as asked (the message says why and what to give)."""
 
 
 def naive_loss(loss_fn: LossFn) -> LossFn:
@@ -100,13 +97,13 @@ def default_rtol(dtype: torch.dtype) -> float:
         1e-10 for float64, 1e-4 for float32.
 
     Raises:
-        ConfigError: any other dtype.
+        VerifyError: any other dtype.
     """
     if dtype == torch.float64:
         return 1e-10
     if dtype == torch.float32:
         return 1e-4
-    raise ConfigError(f"verify has no meaningful tolerance for {dtype} parameters (rounding "
+    raise VerifyError(f"verify has no meaningful tolerance for {dtype} parameters (rounding "
                       "alone is as large as the naive recipe's error); use --dtype float32 or "
                       "float64, or give --rtol")
 
@@ -151,12 +148,12 @@ def verify(model: torch.nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, p
         :class:`VerifyReport` with one row per step.
 
     Raises:
-        ConfigError: ``normalization`` is unknown; a batch does not fill exactly
+        VerifyError: ``normalization`` is unknown; a batch does not fill exactly
             ``plan.accum_steps`` micro-batches (the report would then claim a K it never ran);
             a batch holds no items; or the engine skipped a step (non-finite loss or gradient).
     """
     if normalization not in ("exact", "naive"):
-        raise ConfigError(f"normalization must be 'exact' or 'naive', got {normalization!r}")
+        raise VerifyError(f"normalization must be 'exact' or 'naive', got {normalization!r}")
     full, acc_model = copy.deepcopy(model), copy.deepcopy(model)
     opt_full, opt_acc = make_optimizer(full), make_optimizer(acc_model)
     cap_full, cap_acc = _GradCapture(opt_full), _GradCapture(opt_acc)
@@ -165,9 +162,9 @@ def verify(model: torch.nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, p
     rows = []
     for step, batch in enumerate(batches, 1):
         micro = plan.split(batch)
-        n = sum(_rows(b) for b in micro)
+        n = sum(batch_rows(b) or 0 for b in micro)
         if n != plan.local_batch:
-            raise ConfigError(
+            raise VerifyError(
                 f"verify: batch {step} has {n} rows but the plan takes {plan.local_batch} "
                 f"(K={plan.accum_steps} micro-batches of {plan.micro_batch}); give a batch of "
                 f"{plan.local_batch} rows, or --global-batch {n} and a --micro-batch dividing it"
@@ -176,7 +173,7 @@ def verify(model: torch.nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, p
         ls = loss_fn(full, batch)
         count = int(ls.count)
         if count == 0:
-            raise ConfigError(f"verify: global batch {step} holds no items to normalize by")
+            raise VerifyError(f"verify: global batch {step} holds no items to normalize by")
         (ls.sum / count).backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(full.parameters(), clip)
@@ -185,7 +182,7 @@ def verify(model: torch.nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, p
         loss_full = ls.sum.item() / count
         ga, gb = cap_acc.grads, cap_full.grads
         if stats.skipped or not ga:
-            raise ConfigError(f"verify: the engine skipped step {step} ({stats.skip_reason})")
+            raise VerifyError(f"verify: the engine skipped step {step} ({stats.skip_reason})")
         flat_a, flat_b = torch.cat([g.flatten() for g in ga]), torch.cat([g.flatten() for g in gb])
         cosine = torch.nn.functional.cosine_similarity(flat_a.double(), flat_b.double(),
                                                        dim=0).item()
@@ -201,13 +198,6 @@ def verify(model: torch.nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, p
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return VerifyReport(rows, dtype, plan.global_batch, plan.micro_batch, plan.accum_steps, rtol,
                         normalization)
-
-
-def _rows(batch: Any) -> int:
-    """Rows (dim 0) of the first tensor in a batch that :meth:`BatchPlan.split` accepted."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    return _rows(next(iter(batch.values() if isinstance(batch, Mapping) else batch)))
 
 
 def format_table(report: VerifyReport) -> str:
@@ -227,138 +217,3 @@ def format_table(report: VerifyReport) -> str:
         f"{report.micro_batch}, {report.normalization} normalization)"
     )
     return "\n".join(lines)
-
-
-def load_factory(spec: str) -> tuple[torch.nn.Module, Any, LossFn]:
-    """Import ``module:function`` (or ``path/file.py:function``) and call it.
-
-    The function takes no arguments and returns ``(model, batch, loss_fn)``. A file is imported
-    as a script would be: its folder is first on ``sys.path`` while it loads and while the
-    function runs (so it can import its neighbours), and it is registered in ``sys.modules``
-    under a private name (``dataclasses`` and pickling look modules up there).
-
-    Raises:
-        ConfigError: the spec, the import, the function or what it returns is wrong, or the
-            function raised; the message names the problem and the fix in one line.
-    """
-    where, sep, name = spec.rpartition(":")
-    if not sep or not where or not name:
-        raise ConfigError(f"--model {spec!r}: expected MODULE:FUNCTION or path/file.py:FUNCTION")
-    folder = None
-    if where.endswith(".py"):
-        path = Path(where)
-        if not path.is_file():
-            raise ConfigError(f"--model {spec}: no such file {where}; check the path")
-        folder = str(path.resolve().parent)
-        sys.path.insert(0, folder)
-    try:
-        module = _import(spec, where)
-        factory = getattr(module, name, None)
-        if factory is None:
-            raise ConfigError(f"--model {spec}: {where} has no attribute {name!r}; check the "
-                              "function's name")
-        if not callable(factory):
-            raise ConfigError(f"--model {spec}: {name} is a {type(factory).__name__}, not "
-                              "callable; name a function that returns (model, batch, loss_fn)")
-        try:
-            got = factory()
-        except Exception as e:
-            raise ConfigError(f"--model {spec} raised {type(e).__name__}: {e}") from None
-    finally:
-        if folder is not None and folder in sys.path:
-            sys.path.remove(folder)
-    if not (isinstance(got, tuple) and len(got) == 3 and isinstance(got[0], torch.nn.Module)
-            and callable(got[2])):
-        kinds = (f"({', '.join(type(x).__name__ for x in got)})" if isinstance(got, tuple)
-                 else type(got).__name__)
-        raise ConfigError(f"--model {spec}: {name}() must return (model, batch, loss_fn) with an "
-                          f"nn.Module and a callable, got {kinds}")
-    return got
-
-
-def _import(spec: str, where: str) -> Any:
-    """The module of a ``load_factory`` spec; import failures become one-line ConfigErrors."""
-    try:
-        if not where.endswith(".py"):
-            return importlib.import_module(where)
-        path = Path(where)
-        # A private, identifier-only name: never shadows a real module, and importable by name.
-        key = "_bigbatch_factory_" + re.sub(r"\W", "_", path.resolve().as_posix())
-        mod_spec = importlib.util.spec_from_file_location(key, path)
-        if mod_spec is None or mod_spec.loader is None:
-            raise ConfigError(f"--model {spec}: cannot load {where} as Python source")
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[key] = module
-        try:
-            mod_spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[key]
-            raise
-        return module
-    except ConfigError:
-        raise
-    except ModuleNotFoundError as e:
-        if e.name is not None and (where == e.name or where.startswith(e.name + ".")):
-            raise ConfigError(f"--model {spec}: no module named {e.name!r}; check PYTHONPATH "
-                              "or give a file path (path/to/file.py:function)") from None
-        raise ConfigError(f"--model {spec}: importing {where} raised ModuleNotFoundError: {e}; "
-                          "install it or fix the import") from None
-    except Exception as e:  # the user's module failed while importing
-        raise ConfigError(f"--model {spec}: importing {where} raised {type(e).__name__}: {e}",
-                          ) from None
-
-
-def default_verify_inputs(config: TrainConfig, steps: int) -> VerifyInputs:
-    """The default GPT and ``steps`` padded, variable-length global batches of the corpus.
-
-    Batches are the training run's first ``steps`` global batches (:func:`global_batches`), each
-    cut by :func:`vary_lengths` so micro-batch token counts differ, on the workload's device.
-
-    Returns:
-        ``(model, batches, lm_loss, make_optimizer)``; the optimizer is SGD with momentum at
-        ``config.lr`` (see :func:`_sgd` for why not AdamW).
-
-    Raises:
-        ConfigError, DataError: the device or the data cannot be had.
-    """
-    work = build_workload(config)
-    plan = config.plan()
-    order = global_batches(len(work.train), plan.global_batch, config.seed)
-    batches = [work.to_device(vary_lengths(work.train.batch(next(order)), config.seed, step))
-               for step in range(steps)]
-    return work.model, batches, lm_loss, _sgd(config.lr)
-
-
-def _sgd(lr: float) -> MakeOptimizer:
-    """SGD with momentum: verify's optimizer, for the default model and for user factories.
-
-    With SGD a parameter difference is proportional to the gradient difference, so it measures
-    the accumulation. Adam divides each gradient element by its own magnitude: rounding noise in
-    an element that is near zero becomes a step of size lr (measured on the default model in
-    float32: gradients agree to ~1e-6 relative while AdamW parameters differ by ~5e-4).
-    """
-
-    def make(m: torch.nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
-
-    return make
-
-
-def factory_verify_inputs(spec: str, config: TrainConfig) -> VerifyInputs:
-    """A user's ``(model, batch, loss_fn)``: the batch repeated each step, SGD with momentum."""
-    model, batch, loss_fn = load_factory(spec)
-    dtype = {"float32": torch.float32, "float64": torch.float64,
-             "bfloat16": torch.bfloat16}[config.dtype]
-    model = apply_batchnorm_option(model.to(dtype), config.batchnorm)
-    return model, [_cast_floats(batch, dtype)] * config.steps, loss_fn, _sgd(config.lr)
-
-
-def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
-    """Floating tensors of a (nested) batch in ``dtype``; integer tensors and the rest unchanged."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dtype) if batch.is_floating_point() else batch
-    if isinstance(batch, dict):
-        return {k: _cast_floats(v, dtype) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_cast_floats(v, dtype) for v in batch)
-    return batch

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from .batchnorm import batchnorm_layers, convert_batchnorm
+from ..batchnorm import batchnorm_layers, convert_batchnorm
+from ..loss import LossSum, token_cross_entropy
 from .config import ConfigError, TrainConfig
 from .data import TokenWindows, load_documents, split_documents
-from .gpt import GPT, GPTConfig
-from .loss import LossSum, token_cross_entropy
+from .models.gpt import GPT, GPTConfig
 
 __all__ = ["Workload", "apply_batchnorm_option", "build_workload", "lm_loss", "make_optimizer",
            "make_scheduler", "resolve_device"]

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .engine import StepStats
+from ..engine import StepStats
 
 __all__ = ["RunLog", "plot_losses", "read_metrics"]
 

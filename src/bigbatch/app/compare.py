@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
+from ..engine import Accumulator
+from ..loss import LossSum
+from ..plan import BatchPlan
+from ..verify import naive_loss
 from .config import TrainConfig
 from .data import global_batches, vary_lengths
-from .engine import Accumulator
-from .loss import LossSum
-from .plan import BatchPlan
-from .verify import naive_loss
 from .workload import build_workload, lm_loss, make_optimizer, make_scheduler
 
 __all__ = ["CompareResult", "compare", "format_compare"]

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import BigBatchError
+from ..errors import BigBatchError
 
 __all__ = ["DistributedError", "GradSync", "SyncMode"]
 
@@ -111,6 +111,17 @@ class GradSync:
         if self.world_size > 1:
             dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.group)
         return values
+
+    def all_reduce_sums(self, parts: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Sum several small float64 tensors over ranks in one all-reduce; None entries stay."""
+        present = [p for p in parts if p is not None]
+        flat = self.all_reduce_sum(torch.cat([p.reshape(-1) for p in present]))
+        out: list[torch.Tensor | None] = []
+        at = 0
+        for p in parts:
+            out.append(None if p is None else flat[at:at + p.numel()].view_as(p))
+            at += 0 if p is None else p.numel()
+        return out
 
     def agree_on_micro_batches(self, n: int, device: torch.device) -> None:
         """Check every rank has ``n`` micro-batches this cycle, before any collective depends on it.

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import BigBatchError
-from .parallel import DistributedError
+from ..engine.sync import DistributedError
+from ..errors import BigBatchError
 
 __all__ = ["Ranks", "setup", "wrap_model"]
 

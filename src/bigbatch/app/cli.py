@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from ..errors import BigBatchError
 from .config import ConfigError, TrainConfig, load_config_file
-from .errors import BigBatchError
 
 __all__ = ["main"]
 
@@ -136,13 +136,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     import torch
 
-    from .verify import (
-        default_rtol,
-        default_verify_inputs,
-        factory_verify_inputs,
-        format_table,
-        verify,
-    )
+    from ..verify import default_rtol, format_table, verify
+    from .verify import default_verify_inputs, factory_verify_inputs
 
     config = _config(args, own=("steps",), steps=args.verify_steps)
     plan = config.plan()

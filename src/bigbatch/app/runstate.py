@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from ..engine import Accumulator
 from .checkpoint import CheckpointError
-from .engine import Accumulator
 
 __all__ = ["Position", "StopSignals", "capture", "checkpoint_name", "restore"]
 

@@ -27,22 +27,22 @@ import torch
 import yaml
 from safetensors.torch import save_model
 
-from . import __version__
+from .. import __version__
+from ..engine import Accumulator, NonFiniteError, StepStats
+from ..engine.precision import PrecisionPolicy
+from ..memory import OutOfMemory, is_out_of_memory, release_memory
+from ..noise import NoiseScaleEMA
+from ..packing import pad_micro_batches
+from ..plan import BatchPlan
+from ..planner import MicroBatchChoice, plan_micro_batch
+from ..schedule import lr_factor, parse_accum_schedule
 from .checkpoint import CheckpointError, load_latest, save_checkpoint, set_aside
 from .config import DEFAULT_GLOBAL_BATCH, ConfigError, TrainConfig, load_config_file
-from .data import TokenWindows, eval_batches, global_batches, take_samples
-from .engine import Accumulator, NonFiniteError, StepStats
+from .data import TokenWindows, eval_batches, global_batches, packed_micro_batches, take_samples
 from .launch import Ranks, setup, wrap_model
-from .memory import OutOfMemory, is_out_of_memory, release_memory
-from .noise import NoiseScaleEMA
-from .packing import packed_micro_batches, pad_micro_batches
-from .plan import BatchPlan
-from .planner import MicroBatchChoice, plan_micro_batch
-from .precision import PrecisionPolicy
 from .progress import Progress
 from .runlog import RunLog, plot_losses, read_metrics
 from .runstate import Position, StopSignals, capture, checkpoint_name, model_state, restore
-from .schedule import lr_factor, parse_accum_schedule
 from .workload import (
     Workload,
     build_model,

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from .errors import BigBatchError
-from .plan import BatchPlan
+from ..errors import BigBatchError
+from ..plan import BatchPlan
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -151,7 +151,7 @@ class TrainConfig:
             raise ConfigError("--micro-tokens sets K per step from the lengths, --accum-schedule "
                               "from a schedule; give one of them")
         if self.memory is not None:
-            from .memory import parse_bytes
+            from ..memory import parse_bytes
 
             try:
                 parse_bytes(self.memory)
@@ -169,7 +169,7 @@ class TrainConfig:
         if self.clip is not None and not (self.clip >= 0 and math.isfinite(self.clip)):
             raise ConfigError(f"--clip must be 0 (off) or a positive number, got {self.clip}")
         if self.accum_schedule:  # the form; sizes are checked against the plan at train time
-            from .schedule import parse_accum_schedule
+            from ..schedule import parse_accum_schedule
 
             parse_accum_schedule(self.accum_schedule, micro_batch=1, world_size=1,
                                  k_final=2**62)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import BigBatchError
+from ..errors import BigBatchError
 
 __all__ = ["CheckpointError", "flatten_state", "list_checkpoints", "load_checkpoint",
            "load_latest", "save_checkpoint", "set_aside", "unflatten_state"]

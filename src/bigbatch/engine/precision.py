@@ -7,18 +7,25 @@
   K-term sum is rounded once (when it is handed to the optimizer), not K times.
 - ``"fp16"``: forward under ``torch.autocast(dtype=float16)`` with a ``torch.amp.GradScaler``; the
   loss is scaled before every backward and the gradient unscaled once per optimizer step.
+
+The policy owns everything precision touches: the forward's autocast, each micro-batch's backward
+(seeded with the engine's prescale ``c``, times the loss scale under fp16) and, once per cycle, the
+step — normalize by the factor the engine gives, unscale, measure, clip, hand the float32 buffers
+to the optimizer, step the optimizer (through the scaler under fp16) and the scheduler. Without
+fp16 the normalization is folded into the clipping factor: one pass over the gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Literal, get_args
 
 import torch
 
-from .errors import BigBatchError
+from ..errors import BigBatchError
 
-__all__ = ["Precision", "PrecisionPolicy"]
+__all__ = ["Precision", "PrecisionPolicy", "total_norm"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _AUTOCAST_DTYPE = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,6 +55,8 @@ class PrecisionPolicy:
         self._low_ids = {id(p) for p in self._low}
         self._bufs: list[torch.Tensor | None] = [None] * len(self._low)
         self.scaler: torch.amp.GradScaler | None = None
+        self._seed: torch.Tensor | None = None  # backward's seed, the prescale, made once per c
+        self._seed_value: float | None = None
         if precision == "fp16":
             if self._low:
                 raise BigBatchError(
@@ -65,9 +74,69 @@ class PrecisionPolicy:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        """The tensor to backpropagate: the loss times the fp16 loss scale (else unchanged)."""
-        return loss if self.scaler is None else self.scaler.scale(loss)
+    def backward(self, loss_sum: torch.Tensor, c: float) -> None:
+        """Backpropagate ``c · loss_sum`` (times the loss scale under fp16), then move
+        low-precision gradients into their float32 buffers.
+
+        Without a scaler, backward is seeded with ``c`` (``d(c·sum)/d(sum) = c``): no
+        multiplication node per micro-batch.
+        """
+        if self.scaler is None:
+            seed = self._seed
+            if (seed is None or seed.dtype != loss_sum.dtype or seed.device != loss_sum.device
+                    or self._seed_value != c):
+                seed = torch.full((), c, dtype=loss_sum.dtype, device=loss_sum.device)
+                self._seed, self._seed_value = seed, c
+            loss_sum.backward(seed)
+        else:
+            self.scaler.scale(loss_sum * c).backward()
+        self.collect()
+
+    def apply(self, grads: list[torch.Tensor], factor: float, *, optimizer: torch.optim.Optimizer,
+              scheduler: Any, clip: float | None, sharded: bool = False,
+              ) -> tuple[float, str | None]:
+        """Normalize, unscale, clip and step: the once-per-cycle half. Returns (norm, skip reason).
+
+        The gradient handed to the optimizer is ``g = factor · G`` (``G`` the accumulated
+        tensors, :meth:`grads`), clipped to ``clip`` as ``clip_grad_norm_`` would:
+        ``g ← g · min(1, clip / (‖g‖ + 1e-6))``. The norm is ``‖g‖`` before clipping. A
+        non-finite norm skips the step ("non-finite gradient", or "fp16 overflow", which also
+        lowers the loss scale); the scheduler steps only with the optimizer.
+
+        ``torch._foreach_*`` kernels are the ones ``torch.optim`` and ``clip_grad_norm_`` use:
+        one launch per group of tensors instead of one per parameter. ``sharded``: FSDP2's
+        DTensor gradients, which take a Python scalar instead of a tensor factor.
+        """
+        scaler = self.scaler
+        if scaler is not None:  # unscale_ reads the gradient as the optimizer would: scale first
+            if grads:
+                torch._foreach_mul_(grads, factor)
+            factor = 1.0
+            scaler.unscale_(optimizer)
+        norm = total_norm(grads) * factor  # ‖f·G‖ = f·‖G‖
+        grad_norm = float(norm)
+        if not math.isfinite(grad_norm):
+            if scaler is None:
+                return grad_norm, "non-finite gradient"
+            scaler.update()  # records the overflow and lowers the scale; no optimizer step
+            return grad_norm, "fp16 overflow"
+        if grads and clip is not None:  # one pass: G × f × min(1, clip / (‖g‖ + 1e-6))
+            if sharded:
+                torch._foreach_mul_(grads, factor * min(1.0, clip / (grad_norm + 1e-6)))
+            else:
+                coef = torch.clamp(clip / (norm + 1e-6), max=1.0) * factor
+                torch._foreach_mul_(grads, coef.to(grads[0].device))
+        elif grads and factor != 1.0:
+            torch._foreach_mul_(grads, factor)
+        self.write_back()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        return grad_norm, None
 
     def collect(self) -> None:
         """After a backward: move low-precision gradients into their float32 buffers."""
@@ -115,3 +184,19 @@ class PrecisionPolicy:
         """The current fp16 loss scale, or None when no scaler is used."""
         return None if self.scaler is None else float(self.scaler.get_scale())
 
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm over all gradient tensors, in the widest dtype among them.
+
+    Sharded (DTensor) gradients of FSDP2 go through ``torch.nn.utils.get_total_norm``, which
+    combines the shards' partial norms across ranks.
+    """
+    if not grads:
+        return torch.zeros(())
+    if type(grads[0]).__name__ == "DTensor":
+        return torch.nn.utils.get_total_norm(grads).full_tensor()  # type: ignore[attr-defined]
+    norms = torch._foreach_norm(grads)
+    dtype = max((n.dtype for n in norms), key=lambda d: torch.finfo(d).bits)
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]))

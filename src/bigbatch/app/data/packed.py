@@ -1,0 +1,52 @@
+"""Token-budget micro-batches of the command's byte windows (:func:`bigbatch.pack_by_tokens`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ...packing import pack_by_tokens, trim_padding
+from .windows import TokenWindows
+
+__all__ = ["packed_micro_batches"]
+
+
+def packed_micro_batches(
+    windows: TokenWindows,
+    rows: torch.Tensor | Sequence[int],
+    max_tokens: int,
+    device: torch.device | str | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """The token-budget micro-batches of one global batch of :class:`TokenWindows` samples.
+
+    ``rows`` are the global batch's sample indices (e.g. one item of
+    :func:`~bigbatch.app.data.global_batches`, or a process's share of it). They are grouped by
+    :func:`pack_by_tokens` on :meth:`TokenWindows.lengths`, and each group becomes
+    ``windows.batch(rows[group])`` cut to the group's longest sample. Together the micro-batches
+    hold exactly the real tokens of ``windows.batch(rows)``, so the accumulated update is the same.
+
+    Args:
+        windows: the samples.
+        rows: sample indices of one global batch, a 1-D tensor or sequence of ints.
+        max_tokens: padded token positions per micro-batch (rows × columns); at least the
+            longest sample's length (``windows.seq_len`` is always enough).
+        device: where to put the tensors (default: leave them on the CPU).
+
+    Returns:
+        ``[{"input_ids": LongTensor[b, t], "labels": LongTensor[b, t]}, ...]`` with
+        ``b × t <= max_tokens`` each, longest samples first.
+
+    Raises:
+        IndexError: an index is out of range.
+        PackingError: as in :func:`pack_by_tokens`.
+    """
+    idx = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
+    lengths = windows.lengths(idx)
+    out = []
+    for group in pack_by_tokens(lengths, max_tokens):
+        width = max(int(lengths[group].max()), 1)
+        micro = trim_padding(windows.batch(idx[group]), width)
+        out.append({k: v.contiguous().to(device) if device is not None else v.contiguous()
+                    for k, v in micro.items()})
+    return out
