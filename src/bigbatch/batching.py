@@ -36,6 +36,10 @@ def batch_rows(batch: Any, where: str = "batch") -> int | None:
         if batch.dim() == 0:
             raise BatchPlanError(f"cannot split {where}: it is a 0-d tensor with no rows")
         return batch.shape[0]
+    if type(batch) is dict:  # the common case, once per micro-batch: no names unless wrong
+        sizes = {v.shape[0] for v in batch.values() if type(v) is torch.Tensor and v.dim()}
+        if len(sizes) == 1 and all(type(v) is torch.Tensor and v.dim() for v in batch.values()):
+            return sizes.pop()
     if isinstance(batch, Mapping):
         items: Iterable[tuple[str, Any]] = ((f"{where}[{k!r}]", v) for k, v in batch.items())
     elif isinstance(batch, (tuple, list)):

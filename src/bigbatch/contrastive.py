@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import distributed
 from .engine import Accumulator, StepStats
 from .errors import LossError
 from .loss import LossSum
@@ -95,9 +96,9 @@ def _set_rng_states(states: tuple[torch.Tensor, torch.Tensor | None],
 
 def _gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All ranks' rows, rank order (sizes may differ); returns them and where ours start."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world, rank = distributed.world_size(), distributed.rank()
+    if world == 1:
         return local, 0
-    world, rank = dist.get_world_size(), dist.get_rank()
     size = torch.tensor([local.shape[0]], device=local.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)
@@ -149,7 +150,7 @@ def contrastive_step(acc: Accumulator, micro_batches: Sequence[Any], encode: Enc
     total.sum.backward()  # G = ∂L/∂E for every row of every rank
     cached = [leaf.grad for leaf in leaves]
     offsets = [0] * slots
-    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    rank0 = distributed.rank() == 0
     first = True
 
     def surrogate(model: torch.nn.Module, k: int) -> LossSum:

@@ -1,8 +1,9 @@
 """What torch.distributed says about this process: is there a process group, how big, which rank.
 
-The one place the library asks; everything that needs it (the default world size of a
-:class:`~bigbatch.BatchPlan`, the engine's gradient sync, gathered contrastive embeddings) reads it
-here. Without a process group this is a world of one.
+The default process group as the library sees it: the default world size of a
+:class:`~bigbatch.BatchPlan` and the ranks whose embeddings :func:`~bigbatch.contrastive_step`
+gathers are read here. (The engine's gradient sync asks the *model's* process group, which may be
+another one: :mod:`bigbatch.engine.sync`.) Without a process group this is a world of one.
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ class SplitRunner:
 
     def _piece(self, batch: Any, loss_fn: Any, rows: int | None) -> LossSum:
         self._touched.clear()
-        marks = [f.mark() for f in self._features]
+        marks = [f.mark() for f in self._features] if self._features else []
         try:
             return self._run(batch, loss_fn, sync=False, frozen=bool(self._frozen))
         except RuntimeError as err:
