@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+# Test support modules (the independent references, the distributed worker) import by name.
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The real ``bigbatch`` commands, run in subprocesses on tiny settings."""
+"""The ``bigbatch`` commands on tiny settings: in this process through ``main(argv)`` (fast), and
+the installed entry points in subprocesses once."""
 
 from __future__ import annotations
 
@@ -9,17 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from runcli import run, run_process
 from safetensors.torch import load_file, load_model
 
 from bigbatch.app.models.gpt import GPT, GPTConfig
 
-TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "32",
-        "--eval-samples", "16", "--device", "cpu"]
-
-
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bigbatch", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+MODEL = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "32",
+         "--device", "cpu"]
+TINY = [*MODEL, "--eval-samples", "16"]
 
 
 def records(out: Path) -> list[dict]:
@@ -28,7 +27,7 @@ def records(out: Path) -> list[dict]:
 
 def test_train_writes_the_run_folder(tmp_path: Path, text: Path) -> None:
     out = tmp_path / "run"
-    r = run("train", "--data", str(text), "--steps", "6", "--eval-every", "3",
+    r = run_process("train", "--data", str(text), "--steps", "6", "--eval-every", "3",
             "--global-batch", "8", "--micro-batch", "2", "--out", str(out), *TINY)
     assert r.returncode == 0, r.stderr
     for name in ("config.yaml", "run.json", "metrics.jsonl", "model.safetensors", "loss.png"):
@@ -49,11 +48,14 @@ def test_train_writes_the_run_folder(tmp_path: Path, text: Path) -> None:
     # progress counts optimizer steps (6), not micro-batches (24)
     assert "step 6/6" in r.stderr and "/24" not in r.stderr
     assert "final validation loss" in r.stdout
-    # the resolved config is reusable as --config, and records the seed
-    config = (out / "config.yaml").read_text()
-    assert "seed: 0" in config and "micro_batch: 2" in config
-    assert "accum_steps: null" in config  # K follows the world size (torchrun), run.json has it
+    # the resolved config records the seed and the sizes; K follows the world size (torchrun)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["runtime"]["seed"] == 0 and config["batch"]["micro_batch"] == 2
+    assert config["batch"]["accum_steps"] is None
     assert json.loads((out / "run.json").read_text())["accum_steps"] == 4
+    # it names no run folder, so reusing it as --config starts a new run
+    assert "out" not in config["checkpoint"] and "overwrite" not in config["checkpoint"]
+    assert config["data"]["data"] == str(text.absolute())
 
 
 def test_train_is_deterministic(tmp_path: Path, text: Path) -> None:
@@ -89,7 +91,7 @@ def test_splitting_never_changes_what_is_learned(tmp_path: Path, text: Path) -> 
 
 def test_verify_passes_in_float64_and_fails_naive() -> None:
     args = ["verify", "--dtype", "float64", "--steps", "2", "--global-batch", "8",
-            "--micro-batch", "2", *TINY]
+            "--micro-batch", "2", *MODEL]
     ok = run(*args)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "PASS" in ok.stdout
@@ -121,8 +123,13 @@ BAD = [
      "global_batch 250 is not micro_batch 8 × accum_steps 32 × world 1 = 256"),
     (["train", "--global-batch", "30", "--micro-batch", "8"], "not divisible by micro_batch 8"),
     (["train", "--steps", "0"], "--steps must be positive, got 0"),
-    (["train", "--steps", "abc"], "--steps needs an integer, got 'abc'"),
-    (["train", "--micro-batch", "-2"], "micro_batch must be a positive integer, got -2"),
+    (["train", "--steps", "abc"], "argument --steps: needs int, got 'abc'"),
+    (["train", "--micro-batch", "-2"], "--micro-batch must be positive or auto, got -2"),
+    (["train", "--global-batch", "30"], "give --micro-batch or --accum-steps to cut global"),
+    (["verify", "--warmup", "3"], "bigbatch verify does not use --warmup (bigbatch train does)"),
+    (["verify", "--precision", "bf16"], "bigbatch verify does not use --precision"),
+    (["compare", "--accum-schedule", "ramp:8:64"], "bigbatch compare does not use"),
+    (["plan", "--micro-batch", "4"], "bigbatch plan chooses the micro-batch and K itself"),
     (["train", "--lr", "-1"], "--lr must be a positive finite number"),
     (["train", "--precision", "fp8"], "invalid choice: 'fp8'"),
     (["train", "--data", "/no/such/path"], "/no/such/path"),
@@ -186,11 +193,41 @@ def test_empty_data_and_existing_run_are_refused(tmp_path: Path, text: Path) -> 
     assert (out / "metrics.jsonl").read_bytes() != before["metrics.jsonl"]
 
 
-@pytest.mark.parametrize("command", ["train", "verify", "compare"])
+@pytest.mark.parametrize("command", ["train", "verify", "compare", "plan"])
 def test_help(command: str) -> None:
     r = run(command, "--help")
     assert r.returncode == 0
     assert "--global-batch" in r.stdout and "--config" in r.stdout
+    assert "batch:" in r.stdout and "model:" in r.stdout  # sectioned by config group
+    if command != "train":  # each command lists the flags it uses, not train's
+        assert "--save-every" not in r.stdout and "--accum-schedule" not in r.stdout
+
+
+def test_installed_entry_points(tmp_path: Path) -> None:
+    """The console script and ``python -m bigbatch`` reach the same parser, and a mistake there is
+    one line with exit status 2."""
+    script = Path(sys.executable).parent / "bigbatch"
+    r = subprocess.run([str(script), "train", "--steps", "0"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == ("bigbatch: error: --steps must be "
+                                                      "positive, got 0")
+    r = run_process("verify", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "--normalization" in r.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_prints_a_command_that_runs_as_printed(tmp_path: Path, text: Path) -> None:
+    r = run("plan", "--data", str(text), "--global-batch", "8", "--memory", "4GiB",
+            "--candidates", "4,8", "--repeats", "1", *MODEL)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("train with: "))
+    command = line.removeprefix("train with: ").split("  (")[0].split()
+    assert command[:2] == ["bigbatch", "train"] and "None" not in command
+    for measured in ("--seq-len", "--data", "--n-layer", "--d-model"):
+        assert measured in command  # what was measured is what trains
+    out = tmp_path / "run"
+    r = run(*command[1:], "--steps", "1", "--eval-samples", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal exists only without CUDA")

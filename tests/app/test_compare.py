@@ -19,7 +19,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def config(tmp_path_factory: pytest.TempPathFactory) -> TrainConfig:
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_bytes((Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_bytes())
-    return TrainConfig(n_layer=1, d_model=32, n_head=2, seq_len=32, global_batch=8,
+    return TrainConfig.of(n_layer=1, d_model=32, n_head=2, seq_len=32, global_batch=8,
                        micro_batch=2, data=str(path), device="cpu", dtype="float64", warmup=0,
                        steps=4)
 

@@ -16,12 +16,12 @@ from bigbatch.app.progress import Progress
     ({"micro_batch": 4}, (32, 4, 8)),
     ({"accum_steps": 2}, (32, 16, 2)),
     ({"global_batch": 64}, (64, 8, 8)),
-    ({"global_batch": 12}, (12, 12, 1)),  # 8 does not divide 12: one micro-batch of 12
+    ({"global_batch": 24}, (24, 8, 3)),
     ({"global_batch": 16, "accum_steps": 4}, (16, 4, 4)),
     ({"global_batch": 16, "micro_batch": 2, "accum_steps": 8}, (16, 2, 8)),
 ])
 def test_batch_triple_resolution(kwargs, triple) -> None:
-    plan = TrainConfig(**kwargs).plan()
+    plan = TrainConfig.of(**kwargs).plan()
     assert (plan.global_batch, plan.micro_batch, plan.accum_steps) == triple
 
 
@@ -38,15 +38,19 @@ def test_batch_triple_resolution(kwargs, triple) -> None:
     ({"steps": "10"}, ConfigError, "--steps must be int, got '10'"),
     ({"steps": 2.5}, ConfigError, "--steps must be int, got 2.5"),
     ({"overwrite": "yes"}, ConfigError, "--overwrite must be bool"),
+    ({"global_batch": 30}, BatchPlanError,
+     "micro-batch 8 is the default: give --micro-batch or --accum-steps to cut global batch 30"),
+    ({"micro_batch": "x"}, ConfigError, "--micro-batch must be int or 'auto', got 'x'"),
+    ({"bogus": 1}, ConfigError, "unknown key bogus"),
 ])
 def test_validation_messages(kwargs, error, message) -> None:
     with pytest.raises(error, match=message):
-        TrainConfig(**kwargs)
+        TrainConfig.of(**kwargs)
 
 
 def test_clip_zero_means_off() -> None:
-    assert TrainConfig(clip=0.0).clip_norm is None
-    assert TrainConfig(clip=0.5).clip_norm == 0.5
+    assert TrainConfig.of(clip=0.0).optim.clip_norm is None
+    assert TrainConfig.of(clip=0.5).optim.clip_norm == 0.5
 
 
 def test_plain_progress_lines_count_optimizer_steps() -> None:

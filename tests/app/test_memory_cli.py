@@ -4,31 +4,27 @@ and ``--checkpoint-activations``."""
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from runcli import run
 from safetensors.torch import load_file
 
 import bigbatch.app.trainer as trainer
 from bigbatch.app.config import TrainConfig
+from bigbatch.app.runfolder import load_run_config
 from bigbatch.memory import OutOfMemory
 
-TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "32",
-        "--eval-samples", "16", "--device", "cpu"]
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bigbatch", *args], capture_output=True,
-                          text=True, timeout=300)
+MODEL = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "32",
+         "--device", "cpu"]
+TINY = [*MODEL, "--eval-samples", "16"]
 
 
 def test_plan_prints_candidates_and_a_command(text: Path) -> None:
     r = run("plan", "--data", str(text), "--global-batch", "8", "--memory", "64GiB",
-            "--repeats", "1", *TINY)
+            "--repeats", "1", *MODEL)
     assert r.returncode == 0, r.stderr
     assert "| micro-batch | K | predicted peak |" in r.stdout
     for m, k in ((1, 8), (2, 4), (4, 2), (8, 1)):
@@ -43,16 +39,16 @@ def test_train_with_auto_micro_batch_records_the_choice(tmp_path: Path, text: Pa
             "--out", str(out), *TINY)
     assert r.returncode == 0, r.stderr
     assert "--micro-batch auto: candidates" in r.stderr and "chosen: micro-batch" in r.stderr
-    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved = yaml.safe_load((out / "config.yaml").read_text())["batch"]
     assert saved["micro_batch"] in (1, 2, 4, 8) and saved["global_batch"] == 8
     # a resumed run uses the recorded size (no second, possibly different, choice)
-    assert TrainConfig(**{**saved, "out": None}).plan().micro_batch == saved["micro_batch"]
+    assert load_run_config(out).plan().micro_batch == saved["micro_batch"]
 
 
 @pytest.mark.parametrize("args,message", [
     (["plan", "--micro-batch", "4"], "chooses the micro-batch and K itself"),
     (["train", "--micro-batch", "auto", "--accum-steps", "2"], "drop --accum-steps"),
-    (["train", "--micro-batch", "many"], "--micro-batch needs an integer or auto"),
+    (["train", "--micro-batch", "many"], "argument --micro-batch: needs int or 'auto'"),
     (["train", "--memory", "lots"], "--memory: memory size 'lots' is not a size"),
     (["verify", "--micro-batch", "auto"], "give a number here"),
     (["plan", "--candidates", "4,x"], "--candidates needs sizes"),
@@ -73,7 +69,7 @@ def test_plan_help() -> None:
 
 
 def _config(out: Path, text: Path, **kw) -> TrainConfig:
-    return TrainConfig(**{**dict(data=str(text), steps=3, global_batch=8, micro_batch=4,
+    return TrainConfig.of(**{**dict(data=str(text), steps=3, global_batch=8, micro_batch=4,
                                  eval_every=0, eval_samples=16, n_layer=1, d_model=32, n_head=2,
                                  seq_len=32, device="cpu", dtype="float64", warmup=0,
                                  noise_scale=False, out=str(out)), **kw})

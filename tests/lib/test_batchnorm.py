@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import runpy
 import warnings
 from pathlib import Path
 
@@ -394,16 +393,16 @@ def test_freeze_keeps_running_statistics_and_trains_the_affine_parameters() -> N
 
 
 def test_batchnorm_option() -> None:
-    assert TrainConfig().batchnorm == "warn"
+    assert TrainConfig.of().model.batchnorm == "warn"
     with pytest.raises(ConfigError, match="--batchnorm must be one of warn, convert, freeze"):
-        TrainConfig(batchnorm="off")
+        TrainConfig.of(batchnorm="off")
     with pytest.raises(ConfigError, match=r"--batchnorm error: the model has BatchNorm layers "
                        r"\(bn1, bn2, bn3\).*use --batchnorm convert, freeze or pooled"):
         apply_batchnorm_option(CNN(), "error")
     assert isinstance(apply_batchnorm_option(CNN(), "convert").bn1, nn.GroupNorm)
     assert isinstance(apply_batchnorm_option(CNN(), "freeze").bn1, FrozenBatchNorm)
     assert isinstance(apply_batchnorm_option(CNN(), "pooled").bn1, nn.BatchNorm2d)
-    config = TrainConfig(batchnorm="error", n_layer=1, d_model=16, n_head=2, seq_len=8)
+    config = TrainConfig.of(batchnorm="error", n_layer=1, d_model=16, n_head=2, seq_len=8)
     build_model(config, torch.device("cpu"))  # the default GPT has no BatchNorm: no error
 
 
@@ -443,19 +442,3 @@ def test_verify_respects_batchnorm_option(tmp_path: Path, capsys, option, status
     assert says in (err if status == 2 else out)
     if status == 2:
         assert err.count("\n") == 1
-
-
-# -- the benchmark -----------------------------------------------------------------------------
-
-
-def test_digits_benchmark_smoke() -> None:
-    pytest.importorskip("sklearn")
-    path = Path(__file__).parent.parent / "benchmarks" / "batchnorm_digits.py"
-    bench = runpy.run_path(str(path), run_name="batchnorm_digits")
-    results = bench["run"](seeds=[0, 1], steps=2, global_batch=32, micro_batch=8)
-    assert [r.setting for r in results] == list(bench["SETTINGS"])
-    assert [r.k for r in results] == [1, 4, 4, 4, 4]
-    assert all(0.0 <= r.accuracy <= 1.0 and len(r.accuracies) == 2 for r in results)
-    table = bench["format_table"](results, steps=2, global_batch=32, micro_batch=8)
-    assert table.count("\n| ") == len(results)  # one row each
-    assert "| (c) GroupNorm (converted), accumulation | 8 × 4 |" in table

@@ -17,7 +17,8 @@ from dist_worker import STEPS, WORLD, K, data, launch, lm_sum, model, sgd
 from reference import RTOL, concat, full_batch_train, lm_mean_loss, max_rel_diff
 from safetensors.torch import load_file
 
-pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch without distributed"),
+pytestmark = [pytest.mark.slow, pytest.mark.distributed,
+              pytest.mark.skipif(not dist.is_available(), reason="torch without distributed"),
               pytest.mark.usefixtures("float64")]
 
 
@@ -241,16 +242,3 @@ def test_torchrun_refuses_mid_cycle_checkpoints(tmp_path: Path, corpus: Path) ->
     assert r.returncode != 0
     assert "mid-cycle checkpoints are for one process" in r.stderr
     assert not (tmp_path / "run").exists()
-
-
-def test_sync_benchmark_runs_on_tiny_settings(tmp_path: Path) -> None:
-    bench = Path(__file__).parent.parent / "benchmarks" / "sync.py"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node=2", str(bench), "--steps", "1", "--ks", "2",
-                        "--json", str(tmp_path / "sync.json")], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
-    rows = json.loads((tmp_path / "sync.json").read_text())
-    assert [(row["kind"], row["k"]) for row in rows] == [("ddp", 2), ("fsdp2", 2)]
-    ddp = rows[0]  # bytes are counted, not timed: sync every micro-batch sends K times as much
-    assert ddp["micro_bytes"] == 2 * ddp["cycle_bytes"] > 0

@@ -1,12 +1,8 @@
-"""Token-budget packing: invariants, trimming, exactness against the full batch, the benchmark."""
+"""Token-budget packing: invariants, trimming, exactness against the full batch."""
 
 from __future__ import annotations
 
 import copy
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -377,24 +373,3 @@ def test_stdlib_definitions() -> None:
     assert data.startswith(b"class JSONEncoder") and b"def encode(self, o)" in data
     sizes = sorted(len(d) for _, d in docs)
     assert sizes[len(sizes) // 10] * 20 < sizes[-len(sizes) // 10]  # lengths vary a lot
-
-
-# -- the benchmark -------------------------------------------------------------------------------
-
-
-def test_benchmark_quick(tmp_path: Path) -> None:
-    bench = Path(__file__).parent.parent / "benchmarks" / "packing.py"
-    out = tmp_path / "packing.json"
-    r = subprocess.run([sys.executable, str(bench), "--quick", "--json", str(out)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "| definition | packed:" in r.stdout
-    record = json.loads(out.read_text())
-    assert [res["samples"] for res in record["results"]] == ["definition", "window"]
-    for res in record["results"]:
-        arms = res["arms"]
-        assert set(arms) == {"fixed", "fixed, trimmed", "packed"}
-        budget = record["settings"]["token_budget"]
-        assert arms["packed"]["largest_micro_batch_positions"] <= budget
-        assert arms["packed"]["padding_fraction"] <= arms["fixed"]["padding_fraction"]
-        assert arms["packed"]["param_diff_over_update_vs_fixed"] < 1e-3  # same update, float32

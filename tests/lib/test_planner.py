@@ -103,17 +103,17 @@ CHILD = textwrap.dedent("""
     from bigbatch.app.config import TrainConfig
     from bigbatch.app.data import global_batches
     from bigbatch.memory import PeakMeter, current_memory
-    from bigbatch.app.trainer import plan_workload
+    from bigbatch.app.workload import plan_workload
     from bigbatch.app.workload import build_workload, lm_loss, make_optimizer
 
-    config = TrainConfig(global_batch=32, device="cpu", seed=0)
+    config = TrainConfig.of(global_batch=32, device="cpu", seed=0)
     work = build_workload(config)
     opt = make_optimizer(work.model, config)  # (the first optimizer imports torch._dynamo)
     acc = Accumulator(work.model, opt, clip_grad_norm=1.0)
     held = current_memory(work.device)
     budget = held + int(sys.argv[1])
     with PeakMeter(work.device) as meter:  # from here on: planning, then two training steps
-        choice = plan_workload(TrainConfig(global_batch=32, device="cpu", memory=str(budget)),
+        choice = plan_workload(TrainConfig.of(global_batch=32, device="cpu", memory=str(budget)),
                                work, repeats=1)
         batches = global_batches(len(work.train), 32, 0)
         for _ in range(2):

@@ -27,7 +27,7 @@ def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny(text: Path, **kw) -> TrainConfig:
     base = dict(n_layer=1, d_model=32, n_head=2, seq_len=32, global_batch=8, micro_batch=2,
                 data=str(text), device="cpu", dtype="float64", warmup=0)
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.of(**{**base, **kw})
 
 
 def lm_loss(m, b):
@@ -91,7 +91,7 @@ def test_verify_passes_in_float64_and_naive_fails(text: Path) -> None:
     counts = [[int((b["labels"] != -100).sum()) for b in plan.split(x)] for x in batches]
     assert all(len(set(c)) > 1 for c in counts)  # micro-batches really differ in token count
     ok = verify(model, batches, loss_fn, plan=plan, make_optimizer=make_opt, rtol=1e-10,
-                clip=config.clip_norm)
+                clip=config.optim.clip_norm)
     assert ok.passed and ok.worst <= 1e-10 and len(ok.rows) == 2
     assert (ok.k, ok.micro_batch, ok.global_batch, ok.dtype) == (4, 2, 8, "float64")
     assert all(abs(r.cosine - 1) < 1e-12 and r.loss_diff < 1e-12 for r in ok.rows)
@@ -100,7 +100,7 @@ def test_verify_passes_in_float64_and_naive_fails(text: Path) -> None:
     assert "PASS" in table and "K=4 micro-batches of 2" in table and "float64" in table
     assert len(table.splitlines()) == 2 + 2 + 1  # header, rule, 2 rows, verdict
     bad = verify(model, batches, loss_fn, plan=plan, make_optimizer=make_opt, rtol=1e-10,
-                 clip=config.clip_norm, normalization="naive")
+                 clip=config.optim.clip_norm, normalization="naive")
     assert not bad.passed and bad.worst > 1e-3
     assert "FAIL" in format_table(bad) and "naive" in format_table(bad)
     # the starting model is untouched: both paths trained copies

@@ -1,8 +1,9 @@
-"""``bigbatch`` command line: ``train``, ``plan``, ``verify`` and ``compare``.
+"""``bigbatch`` command line: ``train``, ``verify``, ``compare`` and ``plan``.
 
-Each subcommand is a plain function. Flags are generated from :class:`~bigbatch.config.TrainConfig`
-so the flags, config-file keys and the resolved ``config.yaml`` of a run share one set of names.
-User mistakes print one line on stderr and exit with status 2; nothing is written.
+Each subcommand is a plain function. Flags are generated from the config groups of
+:mod:`.config`, one argparse group each, so the flags, the config-file keys and a run's
+``config.yaml`` share one set of names; a command offers only the flags it uses. User mistakes
+print one line on stderr and exit with status 2; nothing is written.
 """
 
 from __future__ import annotations
@@ -11,15 +12,26 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import BigBatchError
-from .config import ConfigError, TrainConfig, load_config_file
+from .config import GROUPS, ConfigError, TrainConfig, flag, load_config_file, parse_text
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 EXIT_USAGE = 2
+
+# The config keys each command uses (train: all of them).
+_MODEL = ("n_layer", "n_head", "d_model", "dtype", "checkpoint_activations", "batchnorm")
+_BATCH = ("global_batch", "micro_batch", "accum_steps")
+VERIFY_KEYS = (*_BATCH, *_MODEL, "lr", "clip", "data", "seq_len", "device", "seed")
+COMPARE_KEYS = (*_BATCH, *_MODEL, "lr", "warmup", "schedule", "weight_decay", "clip", "data",
+                "seq_len", "out", "overwrite", "device", "seed", "precision")
+PLAN_KEYS = ("global_batch", "memory", *_MODEL, "data", "seq_len", "device", "seed",
+             "precision", "lr", "weight_decay")
 
 
 class UsageError(BigBatchError):
@@ -33,85 +45,59 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see '{self.prog} --help'")
 
 
-def _number(kind: type, flag: str):
+def _word(hint: Any, name: str) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{flag} needs {'an integer' if kind is int else 'a number'}, got {text!r}"
-            ) from None
+            return parse_text(hint, text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
     return parse
 
 
-def _micro_batch(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--micro-batch needs an integer or auto, got {text!r}") from None
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, only: Collection[str] | None = None,
+                      skip: Collection[str] = ()) -> None:
+    """The config groups' fields as flags, one argparse group each (those in ``only``)."""
     parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="YAML or TOML file of the same keys as these flags (flags win)")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in skip:
+    for _, cls, title in GROUPS:
+        names = [f for f in dataclasses.fields(cls)
+                 if (only is None or f.name in only) and f.name not in skip]
+        if not names:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f.metadata["help"],
-                                  "dest": f.name}
-        if kind == "bool":  # --flag / --no-flag
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            if f.name == "micro_batch":
-                kwargs["type"] = _micro_batch
-            elif "int" in kind:
-                kwargs["type"] = _number(int, flag)
-            elif "float" in kind:
-                kwargs["type"] = _number(float, flag)
-            if "choices" in f.metadata:
-                kwargs["choices"] = f.metadata["choices"]
-            kwargs["metavar"] = f.name.upper() if "choices" not in f.metadata else None
-        parser.add_argument(flag, **kwargs)
-
-
-def _coerce_file_values(values: dict[str, Any]) -> dict[str, Any]:
-    """YAML reads ``1e-3`` as a string; accept numeric strings for float keys from files."""
-    kinds = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
-    out = dict(values)
-    for key, value in values.items():
-        if "float" in kinds.get(key, "") and isinstance(value, str):
-            try:
-                out[key] = float(value)
-            except ValueError:
-                pass  # TrainConfig names the bad value
-    return out
+        group = parser.add_argument_group(title, (cls.__doc__ or "").split("\n")[0])
+        hints = typing.get_type_hints(cls)
+        for f in names:
+            kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name,
+                                      "help": f.metadata["help"]}
+            if hints[f.name] is bool:  # --flag / --no-flag
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = _word(hints[f.name], f.name)
+                if "choices" in f.metadata:
+                    kwargs["choices"] = f.metadata["choices"]
+                else:
+                    kwargs["metavar"] = f.name.upper()
+            group.add_argument(flag(f.name), **kwargs)
 
 
 def _config(args: argparse.Namespace, own: Sequence[str] = (), **defaults: Any) -> TrainConfig:
     """TrainConfig from defaults < config file < flags (subcommand-only flags left out)."""
     values: dict[str, Any] = dict(defaults)
     if "config" in args:
-        values.update(_coerce_file_values(load_config_file(args.config)))
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    values.update({k: v for k, v in vars(args).items()
-                   if k in known and k not in own})
-    return TrainConfig(**values)
+        values.update(load_config_file(args.config))
+    known = {f.name for _, cls, _ in GROUPS for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in known and k not in own})
+    return TrainConfig.of(**values)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .trainer import RunStopped, load_run_config, train
+    from .runfolder import load_run_config
+    from .trainer import RunStopped, train
 
     if args.resume is not None:
-        known = {f.name for f in dataclasses.fields(TrainConfig)} | {"config"}
-        extra = sorted("--" + k.replace("_", "-") for k in vars(args) if k in known)
+        known = {f.name for _, cls, _ in GROUPS for f in dataclasses.fields(cls)} | {"config"}
+        extra = sorted(flag(k) for k in vars(args) if k in known)
         if extra:
             raise UsageError(f"--resume continues a run with its own config.yaml; drop "
                              f"{', '.join(extra)}")
@@ -144,32 +130,30 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.model:
         model, batches, loss_fn, make_opt = factory_verify_inputs(args.model, config)
     else:
-        model, batches, loss_fn, make_opt = default_verify_inputs(config, config.steps)
+        model, batches, loss_fn, make_opt = default_verify_inputs(config, config.optim.steps)
     dtype = {"float32": torch.float32, "float64": torch.float64,
-             "bfloat16": torch.bfloat16}[config.dtype]
+             "bfloat16": torch.bfloat16}[config.model.dtype]
     rtol = args.rtol if args.rtol is not None else default_rtol(dtype)
     report = verify(model, batches, loss_fn, plan=plan, make_optimizer=make_opt, rtol=rtol,
-                    clip=config.clip_norm, normalization=args.normalization)
+                    clip=config.optim.clip_norm, normalization=args.normalization)
     print(format_table(report))
     return 0 if report.passed else 1
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .compare import compare, format_compare
-    from .trainer import check_out_dir, default_out_dir
+    from .runfolder import check_out_dir, default_out_dir
 
     config = _config(args, own=("steps",), steps=args.compare_steps)
-    out = Path(config.out) if config.out else default_out_dir("compare-")
-    check_out_dir(out, config.overwrite)
+    out = Path(config.checkpoint.out) if config.checkpoint.out else default_out_dir("compare-")
+    check_out_dir(out, config.checkpoint.overwrite)
     k = config.plan().accum_steps
     if k < 2:
         raise ConfigError("compare needs accum_steps of 2 or more to show a difference; "
                           "give e.g. --global-batch 32 --micro-batch 4")
     out.mkdir(parents=True, exist_ok=True)
-    result = compare(config, steps=config.steps, accum_steps=k, out_png=out / "compare.png",
-                     log=lambda line: print(line, file=sys.stderr))
+    result = compare(config, steps=config.optim.steps, accum_steps=k,
+                     out_png=out / "compare.png", log=lambda line: print(line, file=sys.stderr))
     table = format_compare(result)
     (out / "compare.md").write_text(table + "\n")
     print(table)
@@ -178,16 +162,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from .workload import build_workload, plan_workload
 
-    from .trainer import plan_workload
-    from .workload import build_workload
-
-    given = [flag for flag, name in (("--micro-batch", "micro_batch"),
-                                     ("--accum-steps", "accum_steps")) if name in vars(args)]
-    if given:
-        raise UsageError(f"bigbatch plan chooses the micro-batch and K itself; drop "
-                         f"{' and '.join(given)}")
+    if args.chosen:
+        raise UsageError("bigbatch plan chooses the micro-batch and K itself; drop "
+                         "--micro-batch and --accum-steps")
     config = _config(args, micro_batch="auto")
     candidates = None
     if args.candidates:
@@ -200,17 +179,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
     choice = plan_workload(config, work, candidates=candidates, repeats=args.repeats)
     print(choice.table())
     print(choice.summary())
-    chosen = replace(config, micro_batch=choice.micro_batch)
-    print(f"train with: bigbatch train --global-batch {chosen.global_batch} "
-          f"--micro-batch {choice.micro_batch}"
-          + (" --checkpoint-activations" if config.checkpoint_activations else "")
+    print("train with: " + train_command(config, choice.plan.global_batch, choice.micro_batch)
           + "  (or --micro-batch auto)")
     return 0
 
 
+def train_command(config: TrainConfig, global_batch: int, micro_batch: int) -> str:
+    """``bigbatch train`` with the chosen sizes and every flag the plan was measured with that
+    is not at its default (so what was measured is what trains)."""
+    words = ["bigbatch", "train", "--global-batch", str(global_batch), "--micro-batch",
+             str(micro_batch)]
+    default = TrainConfig().flat()
+    for key, value in config.flat().items():
+        if key in PLAN_KEYS and key not in ("global_batch", "memory") and value != default[key]:
+            if value is True:
+                words.append(flag(key))
+            elif value is False:
+                words.append("--no-" + key.replace("_", "-"))
+            else:
+                words += [flag(key), str(value)]
+    return " ".join(words)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bigbatch", description="Gradient accumulation done exactly.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,plan,verify,compare}",
+    sub = parser.add_subparsers(dest="command", metavar="{train,verify,compare,plan}",
                                 parser_class=_Parser)
     sub.required = True
 
@@ -226,24 +219,28 @@ def build_parser() -> argparse.ArgumentParser:
                        description="From one starting state, take S optimizer steps with the "
                        "full batch in one pass and with K micro-batches through the engine; "
                        "print the differences and exit 1 if they exceed --rtol.")
-    _add_config_flags(p, skip=("steps",))
-    p.add_argument("--steps", dest="verify_steps", type=_number(int, "--steps"), default=3,
-                   help="optimizer steps to compare (default 3)")
-    p.add_argument("--rtol", type=_number(float, "--rtol"), default=None,
-                   help="relative tolerance (default 1e-10 for float64, float32 level otherwise)")
-    p.add_argument("--model", metavar="MODULE:FACTORY", default=None,
-                   help="your own setup: a function returning (model, batch, loss_fn)")
-    p.add_argument("--normalization", choices=("exact", "naive"), default="exact",
-                   help="naive: divide each micro-batch's own mean by K (the 2024 bug), to see "
-                   "it fail")
+    _add_config_flags(p, only=VERIFY_KEYS)
+    own = p.add_argument_group("verify")
+    own.add_argument("--steps", dest="verify_steps", metavar="S", type=_positive_int("--steps"),
+                     default=3,
+                     help="optimizer steps to compare (default 3)")
+    own.add_argument("--rtol", type=_word(float, "rtol"), default=None,
+                     help="relative tolerance (default 1e-10 for float64, 1e-4 for float32)")
+    own.add_argument("--model", metavar="MODULE:FACTORY", default=None,
+                     help="your own setup: a function returning (model, batch, loss_fn)")
+    own.add_argument("--normalization", choices=("exact", "naive"), default="exact",
+                     help="naive: divide each micro-batch's own mean by K (the 2024 bug), to see "
+                     "it fail")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("compare", help="loss curves: full batch vs bigbatch vs naive",
                        description="Train the same model and data three ways — full batch, "
                        "bigbatch accumulation, and the naive per-micro-batch mean — and plot them.")
-    _add_config_flags(p, skip=("steps",))
-    p.add_argument("--steps", dest="compare_steps", type=_number(int, "--steps"), default=40,
-                   help="optimizer steps per run (default 40)")
+    _add_config_flags(p, only=COMPARE_KEYS)
+    own = p.add_argument_group("compare")
+    own.add_argument("--steps", dest="compare_steps", metavar="S", type=_positive_int("--steps"),
+                     default=40,
+                     help="optimizer steps per run (default 40)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("plan", help="choose the micro-batch (and K) for a memory budget",
@@ -251,24 +248,50 @@ def build_parser() -> argparse.ArgumentParser:
                        "backward), predict each candidate micro-batch's peak, time those that fit "
                        "the budget (--memory; default 80%% of free memory) and choose the fastest. "
                        "The global batch stays as given.")
-    _add_config_flags(p)
-    p.add_argument("--candidates", metavar="M,M,...", default=None,
-                   help="micro-batch sizes to consider (default: every divisor of the global "
-                   "batch)")
-    p.add_argument("--repeats", type=_number(int, "--repeats"), default=3,
-                   help="timed forward/backward passes per candidate (default 3)")
+    _add_config_flags(p, only=PLAN_KEYS)
+    for name in ("--micro-batch", "--accum-steps"):  # refused with a reason, not "unrecognized"
+        p.add_argument(name, dest="chosen", action="append", default=[], help=argparse.SUPPRESS)
+    own = p.add_argument_group("plan")
+    own.add_argument("--candidates", metavar="M,M,...", default=None,
+                     help="micro-batch sizes to consider (default: every divisor of the global "
+                     "batch)")
+    own.add_argument("--repeats", type=_positive_int("--repeats"), default=3,
+                     help="timed forward/backward passes per candidate (default 3)")
     p.set_defaults(func=cmd_plan)
     return parser
+
+
+def _refuse_unknown(command: str, words: list[str]) -> NoReturn:
+    """One line for flags the command does not take, naming those that belong to ``train``."""
+    known = {flag(f.name) for _, cls, _ in GROUPS for f in dataclasses.fields(cls)}
+    others = [w.split("=")[0] for w in words if w.split("=")[0] in known]
+    if others and command != "train":
+        raise UsageError(f"bigbatch {command} does not use {', '.join(others)} (bigbatch train "
+                         f"does); drop {'it' if len(others) == 1 else 'them'}, see "
+                         f"'bigbatch {command} --help'")
+    raise UsageError(f"unrecognized arguments: {' '.join(words)}; see 'bigbatch {command} --help'")
+
+
+def _positive_int(name: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} needs an integer, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be positive, got {value}")
+        return value
+
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bigbatch`` command; returns the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        for name in ("verify_steps", "compare_steps", "repeats"):
-            if getattr(args, name, 1) <= 0:
-                raise ConfigError(f"--steps must be positive, got {getattr(args, name)}")
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            _refuse_unknown(args.command, extra)
         return args.func(args)
     except BigBatchError as e:
         rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"

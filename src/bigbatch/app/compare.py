@@ -98,8 +98,8 @@ def compare(config: TrainConfig, *, steps: int, accum_steps: int, out_png: Path,
     plans["naive"] = plans["bigbatch"]
     work = build_workload(config)
     start = copy.deepcopy(work.model)
-    order = global_batches(len(work.train), g, config.seed)
-    batches = [vary_lengths(work.train.batch(next(order)), config.seed, step)
+    order = global_batches(len(work.train), g, config.runtime.seed)
+    batches = [vary_lengths(work.train.batch(next(order)), config.runtime.seed, step)
                for step in range(steps)]
     losses: dict[str, list[float]] = {}
     models: dict[str, torch.nn.Module] = {}
@@ -107,8 +107,8 @@ def compare(config: TrainConfig, *, steps: int, accum_steps: int, out_png: Path,
         model = copy.deepcopy(start)
         opt = make_optimizer(model, config)
         acc = Accumulator(model, opt, scheduler=make_scheduler(opt, config),
-                          clip_grad_norm=config.clip_norm,
-                          precision=config.precision)  # type: ignore[arg-type]
+                          clip_grad_norm=config.optim.clip_norm,
+                          precision=config.runtime.precision)  # type: ignore[arg-type]
         true_loss = _TrueLoss(lm_loss)
         loss_fn = naive_loss(true_loss) if name == "naive" else true_loss
         curve = []

@@ -1,8 +1,12 @@
-"""The training configuration: one frozen dataclass, read from flags and/or a YAML or TOML file.
+"""The training configuration: small frozen groups, read from flags and/or a YAML or TOML file.
 
-Field metadata carries the help text that the command line shows, so the flags, the config-file keys
-and the resolved ``config.yaml`` a run writes are the same names (``global_batch`` ⇔
-``--global-batch``).
+A run is defined by six groups — :class:`BatchConfig`, :class:`OptimConfig`, :class:`ModelConfig`,
+:class:`DataConfig`, :class:`CheckpointConfig` and :class:`RuntimeConfig` — each validating its own
+fields when built; :class:`TrainConfig` holds them and checks what spans groups. Every field's name
+is also its flag (``global_batch`` ⇔ ``--global-batch``) and its key in a config file, where it may
+stand at the top level or under its group's name; field metadata carries the help the command line
+shows. Types are checked from the annotations, so ``--steps 2.5`` and ``steps: "10"`` are refused
+with the flag named.
 """
 
 from __future__ import annotations
@@ -10,14 +14,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from ..errors import BigBatchError
+from ..errors import BatchPlanError, BigBatchError
 from ..plan import BatchPlan
 
 if sys.version_info >= (3, 11):
@@ -25,9 +31,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["ConfigError", "TrainConfig", "load_config_file"]
+__all__ = ["BatchConfig", "CheckpointConfig", "ConfigError", "DataConfig", "GROUPS",
+           "ModelConfig", "OptimConfig", "RuntimeConfig", "TrainConfig", "flag",
+           "load_config_file", "parse_text"]
 
-# With none of the three given, a run uses global batch 32 cut into micro-batches of 8 (K = 4).
+# With none of the three sizes given, a step takes global batch 32 in micro-batches of 8 (K = 4).
 DEFAULT_GLOBAL_BATCH = 32
 DEFAULT_MICRO_BATCH = 8
 
@@ -36,117 +44,129 @@ class ConfigError(BigBatchError):
     """A configuration value or file is invalid."""
 
 
-def _opt(help: str, **kw: Any) -> Any:
-    return field(metadata={"help": help, **kw.pop("meta", {})}, **kw)
+def option(help: str, default: Any, **choices: Any) -> Any:
+    """A config field: its default, and the help text the command line shows."""
+    return field(default=default, metadata={"help": help, **choices})
 
+
+def flag(name: str) -> str:
+    """``global_batch`` → ``--global-batch``."""
+    return "--" + name.replace("_", "-")
+
+
+# -- typed values --------------------------------------------------------------------------------
+
+def _alternatives(hint: Any) -> tuple[Any, ...]:
+    """The types (and Literal values) a hint admits, unions flattened."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(a for arg in typing.get_args(hint) for a in _alternatives(arg))
+    if typing.get_origin(hint) is Literal:
+        return tuple(("literal", v) for v in typing.get_args(hint))
+    return (hint,)
+
+
+def _matches(kind: Any, value: Any) -> bool:
+    if isinstance(kind, tuple):
+        return value == kind[1]
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _describe(hint: Any) -> str:
+    names = [repr(k[1]) if isinstance(k, tuple) else k.__name__ for k in _alternatives(hint)
+             if k is not type(None)]
+    return " or ".join(names)
+
+
+def parse_text(hint: Any, text: str) -> Any:
+    """A command-line word as a value of ``hint`` (``int | Literal["auto"] | None`` …).
+
+    Raises:
+        ValueError: the word is none of the types the hint admits.
+    """
+    for kind in _alternatives(hint):
+        if isinstance(kind, tuple):
+            if text == str(kind[1]):
+                return kind[1]
+        elif kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                continue
+        elif kind is str:
+            return text
+    raise ValueError(f"needs {_describe(hint)}, got {text!r}")
+
+
+def _check_fields(group: Any) -> None:
+    """Types and choices of every field of a config group, all problems in one message."""
+    hints = typing.get_type_hints(type(group))
+    problems = []
+    for f in dataclasses.fields(group):
+        value, hint = getattr(group, f.name), hints[f.name]
+        if not any(_matches(kind, value) for kind in _alternatives(hint)):
+            problems.append(f"{flag(f.name)} must be {_describe(hint)}, got {value!r}"
+                            if value is not None else f"{flag(f.name)} needs a value")
+            continue
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            problems.append(f"{flag(f.name)} must be one of {', '.join(choices)}, got {value!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _positive(group: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(group, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag(name)} must be positive, got {value}")
+
+
+def _not_negative(group: Any, *names: str) -> None:
+    for name in names:
+        if getattr(group, name) < 0:
+            raise ConfigError(f"{flag(name)} must be 0 or more, got {getattr(group, name)}")
+
+
+# -- the groups ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a ``bigbatch train`` run (and so its numbers)."""
+class BatchConfig:
+    """How each optimizer step's batch is cut."""
 
-    global_batch: int | None = _opt(
-        "samples per optimizer step over all processes (default 32)", default=None
-    )
-    micro_batch: int | str | None = _opt(
-        "samples per forward/backward pass (default 8), or 'auto': the fastest size that fits "
-        "--memory (see bigbatch plan)", default=None)
-    accum_steps: int | None = _opt(
-        "micro-batches per optimizer step; give any two of the three batch sizes", default=None
-    )
-    steps: int = _opt("optimizer steps to train", default=400)
-    seq_len: int = _opt("tokens (bytes) per sample", default=128)
-    lr: float = _opt("peak learning rate (AdamW)", default=3e-3)
-    warmup: int = _opt("linear warm-up, in optimizer steps", default=20)
-    schedule: str = _opt(
-        "learning-rate schedule after warm-up", default="cosine",
-        meta={"choices": ("constant", "cosine")},
-    )
-    weight_decay: float = _opt("AdamW weight decay on matrices", default=0.1)
-    clip: float | None = _opt("clip the gradient norm to this (0 or none: off)", default=1.0)
-    precision: str = _opt(
-        "autocast precision", default="fp32", meta={"choices": ("fp32", "bf16", "fp16")}
-    )
-    dtype: str = _opt(
-        "parameter dtype (float64 for exactness checks)", default="float32",
-        meta={"choices": ("float32", "float64", "bfloat16")},
-    )
-    seed: int = _opt("seed for initialization and data order", default=0)
-    data: str | None = _opt(
-        "text file, folder of text files, or .jsonl with a 'text' field "
-        "(default: the Python standard library's source)", default=None,
-    )
-    eval_every: int = _opt("evaluate on the validation set every N steps (0: only at the end)",
-                           default=100)
-    eval_samples: int = _opt("validation samples per evaluation", default=256)
-    n_layer: int = _opt("transformer blocks", default=4)
-    n_head: int = _opt("attention heads", default=4)
-    d_model: int = _opt("model width", default=128)
-    batchnorm: str = _opt(
-        "a model with BatchNorm layers: warn, convert them to GroupNorm, freeze their statistics, "
-        "pool their running statistics over each optimizer step, or refuse it (the default GPT "
-        "has none)", default="warn",
-        meta={"choices": ("warn", "convert", "freeze", "pooled", "error")},
-    )
-    save_every: int = _opt("checkpoint every N optimizer steps (0: only when stopping)",
-                           default=100)
-    save_every_micro: int = _opt("also checkpoint every M micro-batches, mid-cycle (0: off)",
-                                 default=0)
-    keep: int = _opt("keep the newest N checkpoints", default=3)
-    on_nonfinite: str = _opt(
-        "a NaN/inf loss or gradient skips that optimizer step, or stops the run with a checkpoint",
-        default="skip", meta={"choices": ("skip", "stop")},
-    )
-    parallel: str = _opt(
-        "under torchrun: DistributedDataParallel, or FSDP2 (fully_shard per block)",
-        default="ddp", meta={"choices": ("ddp", "fsdp2")},
-    )
-    grad_sync: str = _opt(
-        "under torchrun: sync gradients once per optimizer step, or after every micro-batch "
-        "(FSDP2: less memory, K times the communication)",
-        default="cycle", meta={"choices": ("cycle", "micro")},
-    )
-    noise_scale: bool = _opt("measure the gradient noise scale every step (--no-noise-scale: "
-                             "off)", default=True)
-    accum_schedule: str | None = _opt(
-        "change K during training: a step table '0:4,500:8', 'ramp:START:SAMPLES' (global "
-        "batch from START samples up over SAMPLES samples) or 'adaptive:KMIN:KMAX:EVERY' (from "
-        "the noise scale)", default=None)
-    lr_scaling: str = _opt("scale the learning rate with the global batch under --accum-schedule",
-                           default="none", meta={"choices": ("none", "linear", "sqrt")})
-    memory: str | None = _opt(
-        "memory budget for --micro-batch auto and bigbatch plan, e.g. 8GiB (default: 80%% of the "
-        "free memory)", default=None)
-    checkpoint_activations: bool = _opt(
-        "recompute each transformer block's activations in backward instead of keeping them "
-        "(less memory, about a third more compute)", default=False)
-    on_oom: str = _opt(
-        "a micro-batch that runs out of memory is split in two and the step goes on, exact "
-        "(split), or the run stops (stop)", default="split", meta={"choices": ("split", "stop")})
-    micro_tokens: int | None = _opt(
+    global_batch: int | None = option(
+        "samples per optimizer step over all processes (default 32)", None)
+    micro_batch: int | Literal["auto"] | None = option(
+        "samples per forward/backward pass (default 8; it must divide the global batch), or "
+        "'auto': the fastest size that fits --memory (see bigbatch plan)", None)
+    accum_steps: int | None = option(
+        "micro-batches per optimizer step; give any two of the three batch sizes", None)
+    micro_tokens: int | None = option(
         "cut each global batch into micro-batches of at most N tokens (rows × longest sample, "
-        "samples sorted by length, padding trimmed) instead of --micro-batch samples",
-        default=None)
-    out: str | None = _opt("run folder (default: runs/<date>-<time>)", default=None)
-    device: str = _opt("cpu, cuda, cuda:N, or auto", default="auto")
-    overwrite: bool = _opt("replace the run files in an --out folder that holds a run",
-                           default=False)
+        "samples sorted by length, padding trimmed) instead of --micro-batch samples", None)
+    accum_schedule: str | None = option(
+        "change K during training: a step table '0:4,500:8', 'ramp:START:SAMPLES' (global batch "
+        "from START samples up over SAMPLES samples) or 'adaptive:KMIN:KMAX:EVERY' (from the "
+        "noise scale)", None)
+    lr_scaling: str = option(
+        "scale the learning rate with the global batch under --accum-schedule", "none",
+        choices=("none", "linear", "sqrt"))
+    memory: str | None = option(
+        "memory budget for --micro-batch auto and bigbatch plan, e.g. 8GiB (default: 80%% of the "
+        "free memory)", None)
 
     def __post_init__(self) -> None:
-        problems = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            problems += _type_problems(f, value)
-        if problems:
-            raise ConfigError("; ".join(problems))
-        if self.micro_tokens is not None and self.micro_tokens <= 0:
-            raise ConfigError(f"--micro-tokens must be positive, got {self.micro_tokens}")
-        for name in ("steps", "seq_len", "n_layer", "n_head", "d_model", "eval_samples"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
-        if self.micro_tokens is not None and self.micro_tokens < self.seq_len:
-            raise ConfigError(f"--micro-tokens {self.micro_tokens} is less than --seq-len "
-                              f"{self.seq_len}, so a full-length sample would not fit; give at "
-                              f"least {self.seq_len}")
+        _check_fields(self)
+        _positive(self, "global_batch", "accum_steps", "micro_tokens")
+        if isinstance(self.micro_batch, int) and self.micro_batch <= 0:
+            raise ConfigError(f"--micro-batch must be positive or auto, got {self.micro_batch}")
         if self.micro_tokens is not None and self.accum_schedule:
             raise ConfigError("--micro-tokens sets K per step from the lengths, --accum-schedule "
                               "from a schedule; give one of them")
@@ -157,27 +177,10 @@ class TrainConfig:
                 parse_bytes(self.memory)
             except BigBatchError as err:
                 raise ConfigError(f"--memory: {err}") from None
-        if self.keep <= 0:
-            raise ConfigError(f"--keep must be positive, got {self.keep}")
-        for name in ("warmup", "eval_every", "save_every", "save_every_micro"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{_flag(name)} must be 0 or more, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"--lr must be a positive finite number, got {self.lr}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        if self.clip is not None and not (self.clip >= 0 and math.isfinite(self.clip)):
-            raise ConfigError(f"--clip must be 0 (off) or a positive number, got {self.clip}")
         if self.accum_schedule:  # the form; sizes are checked against the plan at train time
             from ..schedule import parse_accum_schedule
 
-            parse_accum_schedule(self.accum_schedule, micro_batch=1, world_size=1,
-                                 k_final=2**62)
-        if self.d_model % self.n_head:
-            raise ConfigError(
-                f"--d-model {self.d_model} is not divisible by --n-head {self.n_head}; "
-                "pick a width that is a multiple of the head count"
-            )
+            parse_accum_schedule(self.accum_schedule, micro_batch=1, world_size=1, k_final=2**62)
         if self.auto_micro_batch:
             if self.accum_steps is not None:
                 raise ConfigError("--micro-batch auto chooses K itself; drop --accum-steps and "
@@ -194,10 +197,12 @@ class TrainConfig:
         return self.micro_batch == "auto"
 
     def plan(self, world_size: int | None = None) -> BatchPlan:
-        """The batch plan, filling unspecified sizes from the defaults (32 global, 8 micro).
+        """The batch plan. Sizes not given come from the defaults: global batch 32, micro-batch 8
+        (which must then divide the global batch: nothing is derived silently).
 
         Raises:
             ConfigError: ``--micro-batch auto``, which only ``train`` and ``plan`` resolve.
+            BatchPlanError: the sizes do not add up.
         """
         if self.auto_micro_batch:
             raise ConfigError("--micro-batch auto is chosen by bigbatch train and bigbatch plan; "
@@ -207,56 +212,206 @@ class TrainConfig:
         given = sum(v is not None for v in (g, m, k))
         if given == 0:
             g, m = DEFAULT_GLOBAL_BATCH, DEFAULT_MICRO_BATCH
+        elif given == 1 and g is None:
+            g = DEFAULT_GLOBAL_BATCH
         elif given == 1:
-            if g is None:
-                g = DEFAULT_GLOBAL_BATCH
-            else:  # global batch given alone: micro-batches of 8 when they divide it, else K = 1
-                m = DEFAULT_MICRO_BATCH if g % DEFAULT_MICRO_BATCH == 0 else g
+            m = DEFAULT_MICRO_BATCH
+            try:
+                return BatchPlan(global_batch=g, micro_batch=m, world_size=world_size)
+            except BatchPlanError as err:
+                raise BatchPlanError(f"{err} (micro-batch {m} is the default: give --micro-batch "
+                                     f"or --accum-steps to cut global batch {g})") from None
         return BatchPlan(global_batch=g, micro_batch=m, accum_steps=k, world_size=world_size)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer (AdamW), its learning-rate schedule and clipping."""
+
+    steps: int = option("optimizer steps to train", 400)
+    lr: float = option("peak learning rate (AdamW)", 3e-3)
+    warmup: int = option("linear warm-up, in optimizer steps", 20)
+    schedule: str = option("learning-rate schedule after warm-up", "cosine",
+                           choices=("constant", "cosine"))
+    weight_decay: float = option("AdamW weight decay on matrices", 0.1)
+    clip: float | None = option("clip the gradient norm to this (0 or none: off)", 1.0)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _positive(self, "steps")
+        _not_negative(self, "warmup")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive finite number, got {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if self.clip is not None and not (self.clip >= 0 and math.isfinite(self.clip)):
+            raise ConfigError(f"--clip must be 0 (off) or a positive number, got {self.clip}")
 
     @property
     def clip_norm(self) -> float | None:
         """The clipping threshold, None when clipping is off."""
         return self.clip or None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model trained: the built-in byte-level GPT's shape, dtype and memory options."""
+
+    n_layer: int = option("transformer blocks", 4)
+    n_head: int = option("attention heads", 4)
+    d_model: int = option("model width", 128)
+    dtype: str = option("parameter dtype (float64 for exactness checks)", "float32",
+                        choices=("float32", "float64", "bfloat16"))
+    checkpoint_activations: bool = option(
+        "recompute each transformer block's activations in backward instead of keeping them "
+        "(less memory, about a third more compute)", False)
+    batchnorm: str = option(
+        "a model with BatchNorm layers: warn, convert them to GroupNorm, freeze their statistics, "
+        "pool their running statistics over each optimizer step, or refuse it (the default GPT "
+        "has none)", "warn", choices=("warn", "convert", "freeze", "pooled", "error"))
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _positive(self, "n_layer", "n_head", "d_model")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"--d-model {self.d_model} is not divisible by --n-head "
+                              f"{self.n_head}; pick a width that is a multiple of the head count")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+@dataclass(frozen=True)
+class DataConfig:
+    """What the model learns from, and how it is evaluated."""
+
+    data: str | None = option(
+        "text file, folder of text files, or .jsonl with a 'text' field (default: the Python "
+        "standard library's source)", None)
+    seq_len: int = option("tokens (bytes) per sample", 128)
+    eval_every: int = option("evaluate on the validation set every N steps (0: only at the end)",
+                             100)
+    eval_samples: int = option("validation samples per evaluation", 256)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _positive(self, "seq_len", "eval_samples")
+        _not_negative(self, "eval_every")
 
 
-def _type_problems(f: dataclasses.Field, value: Any) -> list[str]:
-    name, kind = f.name, str(f.type)
-    optional = "None" in kind
-    if value is None:
-        return [] if optional else [f"{_flag(name)} needs a value"]
-    if name == "micro_batch" and value == "auto":
-        return []
-    if "bool" in kind:
-        ok = isinstance(value, bool)
-    elif "int" in kind:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        if name == "micro_batch" and not ok:
-            return [f"{_flag(name)} must be a positive integer or auto, got {value!r}"]
-    elif "float" in kind:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        want = kind.replace(" | None", "")
-        return [f"{_flag(name)} must be {want}, got {value!r}"]
-    choices = f.metadata.get("choices")
-    if choices and value not in choices:
-        return [f"{_flag(name)} must be one of {', '.join(choices)}, got {value!r}"]
-    return []
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where the run is written and how often its state is saved."""
+
+    out: str | None = option("run folder (default: runs/<date>-<time>)", None)
+    overwrite: bool = option("replace the run files in an --out folder that holds a run", False)
+    save_every: int = option("checkpoint every N optimizer steps (0: only when stopping)", 100)
+    save_every_micro: int = option("also checkpoint every M micro-batches, mid-cycle (0: off)", 0)
+    keep: int = option("keep the newest N checkpoints", 3)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _positive(self, "keep")
+        _not_negative(self, "save_every", "save_every_micro")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how the steps run: device, seed, precision, processes, and what to do when
+    something goes wrong (the engine's own words: skip or stop; auto, split or stop)."""
+
+    device: str = option("cpu, cuda, cuda:N, or auto", "auto")
+    seed: int = option("seed for initialization and data order", 0)
+    precision: str = option("autocast precision", "fp32", choices=("fp32", "bf16", "fp16"))
+    parallel: str = option("under torchrun: DistributedDataParallel, or FSDP2 (fully_shard per "
+                           "block)", "ddp", choices=("ddp", "fsdp2"))
+    grad_sync: str = option(
+        "under torchrun: sync gradients once per optimizer step, or after every micro-batch "
+        "(FSDP2: less memory, K times the communication)", "cycle", choices=("cycle", "micro"))
+    on_nonfinite: str = option(
+        "a NaN/inf loss or gradient skips that optimizer step, or stops the run with a checkpoint",
+        "skip", choices=("skip", "stop"))
+    on_oom: str = option(
+        "a micro-batch that runs out of memory is split in two and the step goes on, exact "
+        "(split; auto: where the process group allows it, else stop), or the run stops (stop)",
+        "auto", choices=("auto", "split", "stop"))
+    noise_scale: bool = option("measure the gradient noise scale every step (--no-noise-scale: "
+                               "off)", True)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+GROUPS: tuple[tuple[str, type, str], ...] = (
+    ("batch", BatchConfig, "batch"),
+    ("optim", OptimConfig, "optimizer"),
+    ("model", ModelConfig, "model"),
+    ("data", DataConfig, "data"),
+    ("checkpoint", CheckpointConfig, "run folder and checkpoints"),
+    ("runtime", RuntimeConfig, "runtime"),
+)
+"""``(attribute of TrainConfig, group class, title on the command line)`` in order."""
+
+_GROUP_OF = {f.name: attr for attr, cls, _ in GROUPS for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a ``bigbatch train`` run (and so its numbers), in groups.
+
+    Build one from flat keys with :meth:`of` (``TrainConfig.of(lr=1e-3, global_batch=64)``).
+    """
+
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        tokens, seq = self.batch.micro_tokens, self.data.seq_len
+        if tokens is not None and tokens < seq:
+            raise ConfigError(f"--micro-tokens {tokens} is less than --seq-len {seq}, so a "
+                              f"full-length sample would not fit; give at least {seq}")
+
+    @classmethod
+    def of(cls, **values: Any) -> TrainConfig:
+        """A config from flat keys (the flag names with underscores); the rest default.
+
+        Raises:
+            ConfigError: an unknown key, or a value a group refuses.
+        """
+        unknown = sorted(set(values) - set(_GROUP_OF))
+        if unknown:
+            raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(unknown)}; known keys: {', '.join(sorted(_GROUP_OF))}")
+        parts: dict[str, dict[str, Any]] = {attr: {} for attr, _, _ in GROUPS}
+        for key, value in values.items():
+            parts[_GROUP_OF[key]][key] = value
+        return cls(**{attr: group(**parts[attr]) for attr, group, _ in GROUPS})
+
+    def flat(self) -> dict[str, Any]:
+        """Every field by its flat key."""
+        return {k: v for attr, _, _ in GROUPS for k, v in dataclasses.asdict(
+            getattr(self, attr)).items()}
+
+    def replace(self, **values: Any) -> TrainConfig:
+        """A copy with some flat keys changed (validated again)."""
+        return TrainConfig.of(**{**self.flat(), **values})
+
+    def to_file_dict(self) -> dict[str, dict[str, Any]]:
+        """The groups as nested mappings, for a run's ``config.yaml`` (reusable as ``--config``)."""
+        return {attr: dataclasses.asdict(getattr(self, attr)) for attr, _, _ in GROUPS}
+
+    def plan(self, world_size: int | None = None) -> BatchPlan:
+        """The batch plan (see :meth:`BatchConfig.plan`)."""
+        return self.batch.plan(world_size)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) file of config keys.
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file of config keys, as flat keys.
 
-    Keys are the field names of :class:`TrainConfig`, with ``_`` or ``-``.
+    Keys are the field names (with ``_`` or ``-``), at the top level or under their group's name
+    (``batch:``, ``optim:`` …, as a run's ``config.yaml`` writes them). YAML reads ``1e-3`` as a
+    string: numeric strings are accepted for float keys.
 
     Raises:
         ConfigError: missing or unreadable file, unknown suffix, bad syntax, unknown keys.
@@ -277,12 +432,25 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: cannot parse it ({first})") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"--config {path}: expected a mapping of keys to values")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(values) - known)
+    values: dict[str, Any] = {}
+    groups = {attr for attr, _, _ in GROUPS}
+    for key, value in raw.items():
+        key = str(key).replace("-", "_")
+        if key in groups and isinstance(value, Mapping):
+            values.update({str(k).replace("-", "_"): v for k, v in value.items()})
+        else:
+            values[key] = value
+    unknown = sorted(set(values) - set(_GROUP_OF))
     if unknown:
         raise ConfigError(
             f"--config {path}: unknown key{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
-        )
+            f"{', '.join(unknown)}; known keys: {', '.join(sorted(_GROUP_OF))}")
+    hints = {f.name: typing.get_type_hints(cls)[f.name]
+             for _, cls, _ in GROUPS for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if isinstance(value, str) and float in _alternatives(hints[key]):
+            try:
+                values[key] = float(value)
+            except ValueError:
+                pass  # the group names the bad value
     return values

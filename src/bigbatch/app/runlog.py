@@ -9,7 +9,7 @@ from typing import Any
 
 from ..engine import StepStats
 
-__all__ = ["RunLog", "plot_losses", "read_metrics"]
+__all__ = ["RunLog", "last_train_loss", "plot_losses", "read_metrics"]
 
 
 def _finite(x: float) -> float | None:
@@ -79,6 +79,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file."""
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def last_train_loss(metrics: Path) -> float:
+    """The last training loss in a ``metrics.jsonl`` (NaN when there is none)."""
+    losses = [r["loss"] for r in read_metrics(metrics) if r["kind"] == "train"]
+    return losses[-1] if losses and losses[-1] is not None else math.nan
 
 
 def plot_losses(metrics: Path, png: Path, title: str = "") -> Path:

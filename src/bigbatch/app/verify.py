@@ -115,17 +115,18 @@ def default_verify_inputs(config: TrainConfig, steps: int) -> VerifyInputs:
 
     Returns:
         ``(model, batches, lm_loss, make_optimizer)``; the optimizer is SGD with momentum at
-        ``config.lr`` (see :func:`_sgd` for why not AdamW).
+        ``--lr`` (see :func:`_sgd` for why not AdamW).
 
     Raises:
         ConfigError, DataError: the device or the data cannot be had.
     """
     work = build_workload(config)
     plan = config.plan()
-    order = global_batches(len(work.train), plan.global_batch, config.seed)
-    batches = [work.to_device(vary_lengths(work.train.batch(next(order)), config.seed, step))
+    order = global_batches(len(work.train), plan.global_batch, config.runtime.seed)
+    seed = config.runtime.seed
+    batches = [work.to_device(vary_lengths(work.train.batch(next(order)), seed, step))
                for step in range(steps)]
-    return work.model, batches, lm_loss, _sgd(config.lr)
+    return work.model, batches, lm_loss, _sgd(config.optim.lr)
 
 
 def _sgd(lr: float) -> MakeOptimizer:
@@ -147,9 +148,9 @@ def factory_verify_inputs(spec: str, config: TrainConfig) -> VerifyInputs:
     """A user's ``(model, batch, loss_fn)``: the batch repeated each step, SGD with momentum."""
     model, batch, loss_fn = load_factory(spec)
     dtype = {"float32": torch.float32, "float64": torch.float64,
-             "bfloat16": torch.bfloat16}[config.dtype]
-    model = apply_batchnorm_option(model.to(dtype), config.batchnorm)
-    return model, [_cast_floats(batch, dtype)] * config.steps, loss_fn, _sgd(config.lr)
+             "bfloat16": torch.bfloat16}[config.model.dtype]
+    model = apply_batchnorm_option(model.to(dtype), config.model.batchnorm)
+    return model, [_cast_floats(batch, dtype)] * config.optim.steps, loss_fn, _sgd(config.optim.lr)
 
 
 def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:

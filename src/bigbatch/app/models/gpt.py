@@ -174,7 +174,8 @@ class GPT(nn.Module):
 
 
 def num_parameters(model: nn.Module) -> int:
-    """Count a module's trainable and frozen parameters, each shared tensor once.
+    """Count a module's trainable and frozen parameters, each shared tensor once (an FSDP2
+    shard counts at its full size).
 
     Args:
         model: any module; for :class:`GPT` the tied head/embedding weight counts once.

@@ -1,0 +1,110 @@
+"""Saving and resuming a run: what goes into a checkpoint, and where it is put back.
+
+A :class:`Checkpointer` knows the run's stateful objects — model, optimizer, scheduler, the
+engine, and named extras such as the noise-scale average and the K schedule — and writes them
+with the random states, the data position and the length of ``metrics.jsonl`` as one atomic,
+verified checkpoint (:mod:`.checkpoint`, :mod:`.runstate`). Under torchrun every rank takes part
+(FSDP2 gathers its shards) and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..engine import Accumulator
+from .checkpoint import CheckpointError, load_latest, save_checkpoint, set_aside
+from .launch import Ranks
+from .runfolder import rewind_metrics
+from .runstate import Position, capture, checkpoint_name, restore
+
+__all__ = ["Checkpointer", "Stateful"]
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Checkpointer:
+    """Writes and reads the checkpoints of one run folder.
+
+    Args:
+        out: the run folder (checkpoints go to ``out/checkpoints``).
+        ranks, comm: the data-parallel ranks and the device their small collectives use.
+        model, optimizer, scheduler, acc: what is trained (``model`` unwrapped).
+        extras: further state by name (None values are saved as None and not restored).
+        keep: how many checkpoints to keep.
+        fsdp: the model is sharded with FSDP2.
+    """
+
+    def __init__(self, out: Path, *, ranks: Ranks, comm: torch.device, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, acc: Accumulator,
+                 extras: Mapping[str, Stateful | None], keep: int, fsdp: bool) -> None:
+        self.out, self.root, self.metrics = out, out / "checkpoints", out / "metrics.jsonl"
+        self.ranks, self.comm, self.keep, self.fsdp = ranks, comm, keep, fsdp
+        self.model, self.optimizer, self.scheduler, self.acc = model, optimizer, scheduler, acc
+        self.extras = dict(extras)
+
+    def save(self, step: int, micro: int) -> Path:
+        """Checkpoint the run at optimizer step ``step``, ``micro`` micro-batches into the next
+        cycle (all ranks call it; rank 0 writes). Returns the checkpoint's path."""
+        where = Position(step, micro, self.metrics.stat().st_size if self.ranks.main else 0)
+        state = capture(where, self.model, self.optimizer, self.scheduler, self.acc,
+                        fsdp=self.fsdp)
+        state["extra"] = {name: None if obj is None else obj.state_dict()
+                          for name, obj in self.extras.items()}
+        name = checkpoint_name(step, micro)
+        self.ranks.together("writing a checkpoint", self.comm, lambda: self.ranks.main and
+                            save_checkpoint(self.root, name, state, keep=self.keep))
+        return self.root / name
+
+    def exists(self, step: int, micro: int) -> bool:
+        return (self.root / checkpoint_name(step, micro)).exists()
+
+    def resume(self) -> tuple[Position, list[str]]:
+        """Load the newest checkpoint that verifies into the run's objects; rewind
+        ``metrics.jsonl`` to it. Returns the position and notes for the log.
+
+        Raises:
+            ConfigError: there is no checkpoint.
+            CheckpointError: none verifies, or the newest good one does not fit this run.
+        """
+        notes: list[str] = []
+
+        def load() -> Position:
+            from .config import ConfigError
+
+            found = load_latest(self.root)
+            if found is None:
+                raise ConfigError(f"--resume {self.out}: no checkpoint in {self.root}; start a "
+                                  "new run")
+            path, state, rejected = found
+            try:
+                where = restore(state, self.model, self.optimizer, self.scheduler, self.acc,
+                                fsdp=self.fsdp)
+                extra = state.get("extra") or {}
+                for name, obj in self.extras.items():
+                    if obj is not None:
+                        obj.load_state_dict(extra[name])
+            except KeyError as err:
+                raise CheckpointError(f"--resume {self.out}: {path.name} lacks {err} (written by "
+                                      "another bigbatch version?)") from None
+            except CheckpointError as err:
+                raise CheckpointError(f"--resume {self.out}: {path.name}: {err}") from None
+            if self.ranks.main:
+                for bad, why in rejected:  # the run will write these names again: set aside
+                    notes.append(f"checkpoint {bad.name} is unusable ({why}); moved to "
+                                 f"{set_aside(bad).name}, falling back")
+            notes.append(f"resuming from {path.name}: step {where.step}, micro-batch "
+                         f"{where.micro}")
+            return where
+
+        position = self.ranks.together("loading the checkpoint", self.comm, load)
+        if self.ranks.main:
+            notes += rewind_metrics(self.metrics, position.metrics_bytes)
+        return position, notes
