@@ -14,14 +14,16 @@ the seeds:
     pooled   BatchNorm with pooled running statistics (Accumulator(..., batchnorm="pooled"))
 
     pip install -e ".[examples]"
-    python benchmarks/batchnorm_digits.py            # 5 seeds × 5 settings, the README's table
+    python -m benchmarks batchnorm_digits            # 5 seeds × 5 settings, the README's table
+    python -m benchmarks batchnorm_digits --quick    # 2 seeds, 2 steps of 32 = 4 × 8: a smoke test
+
+Not timed against each other (the seconds per run are wall time of each training run, one after
+the other); the numbers are test accuracies.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigbatch
+
+from ._harness import BenchmarkError, fill, log, parse, parser, write_results
 
 SETTINGS = {
     "full": "(a) BatchNorm, full batch",
@@ -61,8 +65,12 @@ class Result:
 
 def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Train/test images ``(N, 1, 8, 8)`` scaled to [0, 1] and their labels (a fixed split)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise BenchmarkError("the digits images come with scikit-learn: "
+                             "pip install -e '.[examples]'") from None
 
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.get_default_dtype()).unsqueeze(1) / 16.0
@@ -160,25 +168,41 @@ def format_table(results: Sequence[Result], *, steps: int, global_batch: int,
     return "\n".join(lines)
 
 
+FULL = {"seeds": 5, "steps": 100, "global_batch": 256, "micro_batch": 8}
+QUICK = {"seeds": 2, "steps": 2, "global_batch": 32, "micro_batch": 8}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    p.add_argument("--global-batch", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=8)
+    p = parser("batchnorm_digits", __doc__)
+    p.add_argument("--seeds", type=int, help=f"seeds 0..N-1 (default {FULL['seeds']})")
+    p.add_argument("--steps", type=int, help=f"optimizer steps (default {FULL['steps']})")
+    p.add_argument("--global-batch", type=int, help=f"default {FULL['global_batch']}")
+    p.add_argument("--micro-batch", type=int, help=f"default {FULL['micro_batch']}")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: faster than 2 for these tiny tensors)")
-    args = p.parse_args(argv)
+    args = parse(p, argv)
+    fill(args, FULL, QUICK)
+    if min(args.seeds, args.steps, args.global_batch, args.micro_batch, args.threads) < 1:
+        p.error("--seeds, --steps, --global-batch, --micro-batch and --threads must be >= 1")
+    if args.global_batch % args.micro_batch:
+        p.error(f"--micro-batch {args.micro_batch} must divide --global-batch "
+                f"{args.global_batch}")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     results = run(range(args.seeds), args.steps, args.global_batch, args.micro_batch, args.lr,
-                  log=lambda line: print(line, file=sys.stderr))
+                  log=log)
     print(format_table(results, steps=args.steps, global_batch=args.global_batch,
                        micro_batch=args.micro_batch))
-    print(f"Total {time.perf_counter() - t0:.0f}s.")
+    total = time.perf_counter() - t0
+    print(f"Total {total:.0f}s.")
+    write_results(args, {
+        "settings": {"seeds": args.seeds, "steps": args.steps, "global_batch": args.global_batch,
+                     "micro_batch": args.micro_batch, "lr": args.lr, "threads": args.threads,
+                     "optimizer": "AdamW(lr, weight_decay=0)"},
+        "rows": [{"setting": r.setting, "label": SETTINGS[r.setting], "k": r.k,
+                  "micro_batch": args.global_batch // r.k, "accuracies": list(r.accuracies),
+                  "accuracy": r.accuracy, "spread": r.spread, "seconds_per_run": r.seconds}
+                 for r in results],
+        "seconds_total": total})
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,13 +1,16 @@
 """Where ``Accumulator.step`` spends time that the hand-written loop does not.
 
-    python -m benchmarks.engine_profile [--model tiny|default|gpt2] [--k 1,8] [--steps 200]
+    python -m benchmarks engine_profile [--model tiny|default|gpt2] [--k 1,8] [--steps 200]
+    python -m benchmarks engine_profile --model default --k 8 --steps 80 --warmup 4 --threads 2 \
+        --costs 0 --profile 0 --loops hand,hand2,bigbatch,bigbatch-stop
 
 Several loops train copies of one model on the same cycles, taking turns (A B C … per round,
-the order rotating by one place each round, ``--warmup`` rounds discarded), and the median
-seconds per optimizer step of each is printed with its excess over the hand loop, per step and
-per micro-batch. ``tiny`` (1 layer, width 32, 32-byte samples, micro-batches of 2 rows) makes
-the forward and backward nearly free, so what is left is Python and bookkeeping: the engine's
-fixed costs, magnified.
+the order rotating by one place each round, ``--warmup`` rounds discarded:
+:func:`benchmarks._harness.interleave`), and the median seconds per optimizer step of each is
+printed with its excess over the hand loop, per step and per micro-batch, and the median over
+rounds of its time divided by the hand loop's in the same round. ``tiny`` (1 layer, width 32,
+32-byte samples, micro-batches of 2 rows) makes the forward and backward nearly free, so what is
+left is Python and bookkeeping: the engine's fixed costs, magnified.
 
 * ``hand``: ``(mean loss / K).backward()`` per micro-batch, ``clip_grad_norm_``, step; ``hand2``
   the same again (an A/A check: its excess is the noise of the measurement);
@@ -18,48 +21,51 @@ fixed costs, magnified.
   division by ``c · N`` folded into the clipping factor (one pass over the gradients, not two):
   the arithmetic the engine does now, and nothing else — the floor for the engine;
 * ``bigbatch``: ``Accumulator(model, opt, clip_grad_norm=1.0)``, defaults (``oom="auto"``: in one
-  process that is ``"split"``, with a post-accumulate-grad hook on every parameter);
-* ``bigbatch-raise``: the same with ``oom="raise"`` (no hooks, no splitting bookkeeping).
+  process that is ``"split"``: :class:`bigbatch.engine.runner.SplitRunner`, with a
+  post-accumulate-grad hook on every parameter);
+* ``bigbatch-stop``: the same with ``oom="stop"`` (no hooks, no splitting bookkeeping;
+  ``bigbatch-raise``, its old name, is accepted).
 
 ``--costs`` then times, one by one, the pieces of per-micro-batch and per-step work the engine
 adds, on the default GPT's 48 parameter tensors and a 1 × 8-token micro-batch (so the forward
-and backward cost little): best of 5 repeats of the mean over ``--repeat`` runs, in µs.
+and backward cost little): the backward variants interleaved (medians of ``--costs`` runs), the
+rest best of 5 repeats of the mean over ``--costs`` runs, in µs.
 
 Then ``--profile`` steps of the default ``bigbatch`` under :mod:`cProfile`, and the functions of
 ``bigbatch`` (and the hook's ``list.append``) sorted by their own time, per micro-batch.
 With two K values the excess is split into a per-step and a per-micro-batch part by a straight
-line through the two points: ``excess(K) = a + b·K``.
+line through the first and last K: ``excess(K) = a + b·K``. Results:
+``benchmarks/results/engine_profile.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import pstats
-import statistics
-import sys
 import time
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from bigbatch import Accumulator
-
+from ._harness import choices, fill, int_list, interleave, parse, parser, summarize, write_results
 from .peer_methods import (
     CLIP,
     FULL_SHAPE,
     QUICK_SHAPE,
+    BigBatch,
     Corpus,
     HandLoop,
-    Method,
     build_model,
     clone,
-    make_optimizer,
     mean_loss,
     sum_loss,
 )
 
-LOOPS = ("hand", "hand2", "exact", "exact-fused", "bigbatch", "bigbatch-raise")
+LOOPS = ("hand", "hand2", "exact", "exact-fused", "bigbatch", "bigbatch-stop")
+ALIASES = {"bigbatch-raise": "bigbatch-stop"}
+FULL = {"k": "1,8", "steps": 200, "warmup": 5, "profile": 100, "costs": 200}
+QUICK = {"k": "1,2", "steps": 2, "warmup": 1, "profile": 1, "costs": 2}
 
 
 class ExactHand(HandLoop):
@@ -116,31 +122,30 @@ class ExactFused(ExactHand):
         self.optimizer.zero_grad(set_to_none=True)
 
 
-class Engine(Method):
-    def __init__(self, model: torch.nn.Module, name: str, **options: object) -> None:
-        super().__init__(model)
-        self.name = name
-        self.acc = Accumulator(model, make_optimizer(model), clip_grad_norm=CLIP, **options)
-
-    def step(self, cycle: list) -> None:
-        self.acc.step(cycle, sum_loss)
+def _engine(model: torch.nn.Module, name: str, **options: Any) -> BigBatch:
+    method = BigBatch(model, **options)
+    method.name = name
+    return method
 
 
-def _best_us(fn: object, repeat: int) -> float:
+def _best_us(fn: Callable[[], object], repeat: int) -> float:
     """Best of 5 of the mean time of ``repeat`` calls of ``fn``, in µs."""
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
         for _ in range(repeat):
-            fn()  # type: ignore[operator]
+            fn()
         best = min(best, (time.perf_counter() - t0) / repeat)
     return best * 1e6
 
 
 def micro_costs(repeat: int) -> list[tuple[str, float]]:
     """µs of each piece of work the engine adds to a hand loop (see the module docstring)."""
-    from bigbatch.batching import batch_rows as _rows
+    from bigbatch.batching import batch_rows
+    from bigbatch.engine.precision import PrecisionPolicy
+    from bigbatch.engine.runner import SplitRunner
 
+    cpu = torch.device("cpu")
     model = build_model("default", FULL_SHAPE)
     params = list(model.parameters())
     batch = {"input_ids": torch.randint(0, 256, (1, 8)), "labels": torch.randint(0, 256, (1, 8))}
@@ -152,40 +157,38 @@ def micro_costs(repeat: int) -> list[tuple[str, float]]:
     def fwd_bwd_sum_mul() -> None:
         (sum_loss(model, batch).sum * 0.001).backward()
 
-    seed = torch.tensor(0.001)
+    policy = PrecisionPolicy("fp32", model, cpu)  # the engine's backward: seeded with c, cached
 
-    def fwd_bwd_sum_seed() -> None:
-        sum_loss(model, batch).sum.backward(seed)
+    def fwd_bwd_policy() -> None:
+        policy.backward(sum_loss(model, batch).sum, 0.001)
 
-    touched: list[torch.Tensor] = []
     hooked = build_model("default", FULL_SHAPE)
-    for p in hooked.parameters():
-        p.register_post_accumulate_grad_hook(touched.append)
 
-    def fwd_bwd_hooks() -> None:
-        (mean_loss(hooked, batch) / 8).backward()
-        touched.clear()
+    def run_micro(b: Any, loss_fn: Any, *, sync: bool, frozen: bool) -> None:
+        (mean_loss(hooked, b) / 8).backward()
 
-    variants = {"mean": fwd_bwd_mean, "mul": fwd_bwd_sum_mul, "seed": fwd_bwd_sum_seed,
-                "hooks": fwd_bwd_hooks}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeat):  # interleaved, so the machine's drift hits every variant alike
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(t) * 1e6 for name, t in times.items()}
+    # oom="split": a post-accumulate-grad hook per parameter, batch_rows, the piece's bookkeeping
+    runner = SplitRunner(hooked, cpu, run_micro, [], regrow_after=100)
+
+    def fwd_bwd_split() -> None:
+        runner.run(batch, None, False)
+
+    variants = {"mean": fwd_bwd_mean, "mul": fwd_bwd_sum_mul, "policy": fwd_bwd_policy,
+                "split": fwd_bwd_split}
+    # interleaved, so the machine's drift hits every variant alike
+    times = interleave({name: (lambda r, fn=fn: fn()) for name, fn in variants.items()}, repeat)
+    med = {name: us * 1e6 for name, us in summarize(times, 0)["seconds"].items()}
     out.append(("forward + (mean/K).backward(), 1 × 8 tokens (reference; interleaved medians)",
                 med["mean"]))
-    out.append(("  LossSum: backward of sum · c (engine today), excess",
+    out.append(("  (sum · c).backward(): a Mul node (the engine's first version), excess",
                 med["mul"] - med["mean"]))
-    out.append(("  LossSum: sum.backward(gradient=c) (no Mul node), excess",
-                med["seed"] - med["mean"]))
-    out.append((f"  {len(params)} post-accumulate-grad hooks (oom='split'), excess",
-                med["hooks"] - med["mean"]))
+    out.append(("  PrecisionPolicy.backward(sum, c): seeded, no Mul node (the engine), excess",
+                med["policy"] - med["mean"]))
+    out.append((f"  SplitRunner.run around it: {len(params)} post-accumulate-grad hooks, "
+                "batch_rows (oom='split'), excess", med["split"] - med["mean"]))
     model.zero_grad(set_to_none=True)
-    out.append(("_rows(batch) (oom='split', per micro-batch)",
-                _best_us(lambda: _rows(batch, "batch"), repeat)))
+    out.append(("batch_rows(batch) (oom='split', per micro-batch)",
+                _best_us(lambda: batch_rows(batch, "batch"), repeat)))
     ls = sum_loss(model, batch)
     total = torch.zeros((), dtype=torch.float64)
     count = torch.zeros((), dtype=torch.int64)
@@ -205,98 +208,113 @@ def micro_costs(repeat: int) -> list[tuple[str, float]]:
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"python -m benchmarks.engine_profile: {message}\n")
+def profile(name: str, shape: Any, micro: int, k: int, steps: int, corpus: Corpus,
+            ) -> list[dict[str, Any]]:
+    """``steps`` steps of the default engine under cProfile: bigbatch's functions (and the hook's
+    ``list.append``) by own time, per micro-batch."""
+    engine = _engine(clone(build_model(name, shape)), "bigbatch")
+    cycles = corpus.cycles(steps + 2, k, micro)
+    for cycle in cycles[:2]:
+        engine.step(cycle)
+    prof = cProfile.Profile()
+    prof.enable()
+    for cycle in cycles[2:]:
+        engine.step(cycle)
+    prof.disable()
+    n_micro = steps * k
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    rows = []
+    for (file, line, func), (_cc, calls, tottime, cumtime, _callers) in stats.items():
+        if "bigbatch" in file or func in ("<method 'append' of 'list' objects>",):
+            where = f"{file.rsplit('/', 1)[-1]}:{line}({func})" if line else func
+            rows.append({"own_us": tottime / n_micro * 1e6, "cum_us": cumtime / n_micro * 1e6,
+                         "calls": calls / n_micro, "where": where})
+    rows.sort(key=lambda r: r["own_us"], reverse=True)
+    return rows[:15]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m benchmarks.engine_profile", description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser("engine_profile", __doc__)
     p.add_argument("--model", default="tiny", choices=("tiny", "default", "gpt2"))
-    p.add_argument("--k", default="1,8")
+    p.add_argument("--k", help=f"micro-batches per step, comma list (default {FULL['k']})")
     p.add_argument("--micro", type=int, help="rows per micro-batch (tiny: 2, else 8)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, help=f"timed rounds (default {FULL['steps']})")
+    p.add_argument("--warmup", type=int, help=f"discarded rounds (default {FULL['warmup']})")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--profile", type=int, default=100, help="profiled steps (0: none)")
-    p.add_argument("--costs", type=int, default=200, help="runs per piece timed (0: none)")
+    p.add_argument("--profile", type=int,
+                   help=f"profiled steps (0: none; default {FULL['profile']})")
+    p.add_argument("--costs", type=int,
+                   help=f"runs per piece timed (0: none; default {FULL['costs']})")
     p.add_argument("--loops", default=",".join(LOOPS), help="comma list of: " + ", ".join(LOOPS))
-    args = p.parse_args(argv)
-    try:
-        ks = [int(v) for v in args.k.split(",")]
-    except ValueError:
-        p.error(f"--k {args.k!r} is not a comma list of integers")
-    chosen = {"hand", *(v.strip() for v in args.loops.split(","))}
-    if chosen - set(LOOPS):
-        p.error(f"--loops {args.loops!r}: choose from {', '.join(LOOPS)}")
+    args = parse(p, argv)
+    fill(args, FULL, QUICK)
+    ks = int_list(p, "--k", args.k)
+    chosen = ["hand", *(n for n in choices(p, "--loops", args.loops, LOOPS, ALIASES)
+                        if n != "hand")]  # the baseline always runs
+    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
+        p.error("--steps and --threads must be at least 1, --warmup at least 0")
     torch.set_num_threads(args.threads)
     shape = QUICK_SHAPE if args.model == "tiny" else FULL_SHAPE
     micro = args.micro or (2 if args.model == "tiny" else 8)
     name = "default" if args.model == "tiny" else args.model
     corpus = Corpus(shape.seq_len)
-    excess: dict[str, dict[int, float]] = {}
     print(f"{args.model} model, micro-batches of {micro} rows, {args.threads} thread(s), median "
           f"of {args.steps} interleaved steps after {args.warmup}")
-    print("| K | loop | µs/step | excess over hand µs/step | excess µs per micro-batch |")
-    print("|---|---|---|---|---|")
+    print("| K | loop | µs/step | excess over hand µs/step | excess µs per micro-batch | "
+          "× hand (median of per-round ratios) |")
+    print("|---|---|---|---|---|---|")
+    rows = []
     for k in ks:
         base = build_model(name, shape)
         cycles = corpus.cycles(args.warmup + args.steps, k, micro)
-        hand2 = HandLoop(clone(base))
-        hand2.name = "hand2"
-        loops = [HandLoop(clone(base)), hand2, ExactHand(clone(base)), ExactFused(clone(base)),
-                 Engine(clone(base), "bigbatch"),
-                 Engine(clone(base), "bigbatch-raise", oom="raise")]
-        loops = [m for m in loops if m.name in chosen]
-        times: dict[str, list[float]] = {m.name: [] for m in loops}
-        for r, cycle in enumerate(cycles):
-            for m in loops[r % len(loops):] + loops[:r % len(loops)]:  # rotate: no fixed places
-                t0 = time.perf_counter()
-                m.step(cycle)
-                times[m.name].append(time.perf_counter() - t0)
-        med = {n: statistics.median(t[args.warmup:]) * 1e6 for n, t in times.items()}
+        make = {"hand": HandLoop, "hand2": HandLoop, "exact": ExactHand, "exact-fused": ExactFused,
+                "bigbatch": lambda m: _engine(m, "bigbatch"),
+                "bigbatch-stop": lambda m: _engine(m, "bigbatch-stop", oom="stop")}
+        loops = {n: make[n](clone(base)) for n in chosen}
+        times = interleave({n: (lambda r, m=m, c=cycles: m.step(c[r])) for n, m in loops.items()},
+                           len(cycles))
+        summary = summarize(times, args.warmup, "hand")
+        med = {n: t * 1e6 for n, t in summary["seconds"].items()}
+        row: dict[str, Any] = {"k": k, "loops": {}}
         for n, us in med.items():
-            excess.setdefault(n, {})[k] = us - med["hand"]
-            print(f"| {k} | {n} | {us:.0f} | {us - med['hand']:+.0f} | "
-                  f"{(us - med['hand']) / k:+.1f} |")
+            excess = us - med["hand"]
+            row["loops"][n] = {"us_per_step": us, "excess_us_per_step": excess,
+                               "excess_us_per_micro_batch": excess / k,
+                               "ratio": summary["ratio"][n],
+                               "paired_ratio": summary["paired_ratio"][n]}
+            print(f"| {k} | {n} | {us:.0f} | {excess:+.0f} | {excess / k:+.1f} | "
+                  f"{summary['paired_ratio'][n]:.4f} |")
+        row["rounds"] = summary["rounds"]
+        rows.append(row)
+    fit: dict[str, dict[str, float]] = {}
     if len(ks) >= 2:
-        k1, k2 = ks[0], ks[-1]
+        first, last = rows[0], rows[-1]
+        k1, k2 = first["k"], last["k"]
         print(f"\nexcess over hand = a + b·K through K={k1} and K={k2}:")
-        for n, e in excess.items():
-            b = (e[k2] - e[k1]) / (k2 - k1)
-            print(f"  {n:15s} a = {e[k1] - b * k1:+7.0f} µs per step, b = {b:+6.1f} µs per "
+        for n in chosen:
+            e1 = first["loops"][n]["excess_us_per_step"]
+            e2 = last["loops"][n]["excess_us_per_step"]
+            b = (e2 - e1) / (k2 - k1)
+            fit[n] = {"a_us_per_step": e1 - b * k1, "b_us_per_micro_batch": b}
+            print(f"  {n:15s} a = {e1 - b * k1:+7.0f} µs per step, b = {b:+6.1f} µs per "
                   "micro-batch")
+    costs = []
     if args.costs:
-        print(f"\npieces of work, {args.threads} thread(s), best of 5 means of {args.costs} runs:")
+        print(f"\npieces of work, {args.threads} thread(s), {args.costs} runs each:")
         for what, us in micro_costs(args.costs):
+            costs.append({"what": what.strip(), "us": us})
             print(f"  {us:8.1f} µs  {what}")
+    prof = []
     if args.profile:
-        k = ks[-1]
-        base = build_model(name, shape)
-        engine = Engine(clone(base), "bigbatch")
-        cycles = corpus.cycles(args.profile + 2, k, micro)
-        for cycle in cycles[:2]:
-            engine.step(cycle)
-        prof = cProfile.Profile()
-        prof.enable()
-        for cycle in cycles[2:]:
-            engine.step(cycle)
-        prof.disable()
-        n_micro = args.profile * k
-        stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
-        rows = []
-        for (file, line, func), (_cc, calls, tottime, cumtime, _callers) in stats.items():
-            if "bigbatch" in file or func in ("<method 'append' of 'list' objects>",):
-                where = f"{file.rsplit('/', 1)[-1]}:{line}({func})" if line else func
-                rows.append((tottime, cumtime, calls, where))
-        rows.sort(reverse=True)
-        print(f"\ncProfile, bigbatch defaults, K={k}, {args.profile} steps: own time per "
+        prof = profile(name, shape, micro, ks[-1], args.profile, corpus)
+        print(f"\ncProfile, bigbatch defaults, K={ks[-1]}, {args.profile} steps: own time per "
               "micro-batch (µs), calls per micro-batch")
-        for tottime, cumtime, calls, where in rows[:15]:
-            print(f"  {tottime / n_micro * 1e6:7.1f} µs own  {cumtime / n_micro * 1e6:8.1f} µs "
-                  f"cum  {calls / n_micro:6.1f}×  {where}")
+        for r in prof:
+            print(f"  {r['own_us']:7.1f} µs own  {r['cum_us']:8.1f} µs cum  "
+                  f"{r['calls']:6.1f}×  {r['where']}")
+    write_results(args, {
+        "settings": {"model": args.model, "shape": shape.__dict__, "micro": micro, "k": ks,
+                     "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+                     "loops": chosen, "costs_runs": args.costs, "profile_steps": args.profile},
+        "rows": rows, "fit": fit, "costs_us": costs, "profile": prof})
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

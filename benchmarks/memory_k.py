@@ -1,14 +1,15 @@
 """Peak memory and time per optimizer step vs K at a fixed global batch, on the default GPT.
 
-    python benchmarks/memory_k.py                      # global 64: micro 64, 32, 16, 8, 4
-    python benchmarks/memory_k.py --quick --json /tmp/m.json --png /tmp/m.png   # smoke test
+    python -m benchmarks memory_k --device cpu     # global 64: micro 64, 32, 16, 8, 4
+    python -m benchmarks memory_k --quick          # smoke test: a tiny model, K = 1 and 2
 
-The default ``bigbatch train`` model and step (TrainConfig defaults: 4 layers, width 128, 128-byte
-samples; AdamW from ``make_optimizer`` with the warm-up/cosine scheduler; clipping at 1.0; the
-gradient noise scale on, as in the trainer) trains on random bytes (memory does not depend on
-the text) with one global batch (64) cut into micro-batches of M = 64, 32, 16, 8, 4 (K = G / M).
-Each M runs in its own fresh Python process (this file with ``--child``), so no configuration
-inherits another's heap or high-water mark. In it:
+The default ``bigbatch train`` model and step (4 layers, width 128, 128-byte samples; AdamW with
+betas 0.9/0.95 and weight decay 0.1; clipping at 1.0; the gradient noise scale on, as in the
+trainer; the trainer's learning-rate schedule, which changes neither memory nor time, is left
+out) trains on random bytes (memory does not depend on the text) with one global batch (64) cut
+into micro-batches of M = 64, 32, 16, 8, 4 (K = G / M). Each M runs in its own fresh Python
+process (``python -m benchmarks memory_k --child``: :func:`benchmarks._harness.child`), so no
+configuration inherits another's heap or high-water mark. In it:
 
 1. warm-up: one accumulated step and one single micro-batch step, so AdamW's state exists, every
    kernel and shape has run once, and the gradient bytes can be read off the ``.grad`` tensors;
@@ -19,9 +20,10 @@ inherits another's heap or high-water mark. In it:
      the normalization, clipping and optimizer step: global batch G;
 
 Time is measured apart, in one more process: one model and Accumulator take accumulated steps at
-every M in turn (M₁ M₂ … M₅, M₁ M₂ …; the first round is warm-up), ``--steps`` timed rounds
-(CUDA synchronized); the median seconds per optimizer step of each M. Taking turns, the settings
-share whatever else the machine is doing.
+every M in turn (M₁ M₂ … M₅, then M₂ … M₅ M₁, …: the order rotates each round; the first round is
+warm-up; :func:`benchmarks._harness.interleave`), ``--steps`` timed rounds (CUDA synchronized);
+the median seconds per optimizer step of each M. Taking turns, the settings share whatever else
+the machine is doing.
 
 How a peak is measured. Each step is measured as the growth above what was resident just before
 it (the *increment*), in two ways ("measures"), each on CPU in its own fresh process:
@@ -29,7 +31,8 @@ it (the *increment*), in two ways ("measures"), each on CPU in its own fresh pro
 * CPU (Linux): before the step, ``gc.collect()`` and glibc's ``malloc_trim(0)`` hand freed heap
   back to the kernel (otherwise memory freed by earlier work, still resident, would hide the
   step's growth); then ``5`` written to ``/proc/self/clear_refs`` resets the process's
-  high-water mark to its current resident set, which is read (``VmRSS``) as *pre*. After the step
+  high-water mark to its current resident set, which is read (``VmRSS``) as *pre*
+  (:func:`benchmarks._harness.reset_cpu_peak`). After the step
   ``VmHWM`` is the *absolute peak RSS* (it also counts Python, libtorch and the input batches);
   ``increment = peak RSS - pre`` is what the step added: activations, gradients, autograd and
   optimizer temporaries, plus whatever the allocator keeps.
@@ -59,83 +62,45 @@ step peak by that of K = 1.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
-import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bigbatch import Accumulator
-from bigbatch.app.config import TrainConfig
-from bigbatch.app.workload import (
-    build_model,
-    lm_loss,
-    make_optimizer,
-    make_scheduler,
+
+from ._harness import (
+    check_cpu_peaks,
+    child,
+    cpu_peak,
+    device_sync,
+    fill,
+    fix_mmap_threshold,
+    interleave,
+    log,
+    machine,
+    parse,
+    parser,
+    reply,
+    reset_cpu_peak,
     resolve_device,
+    results_path,
+    write_results,
 )
+from .peer_methods import FULL_SHAPE, QUICK_SHAPE, build_model, make_optimizer, sum_loss
 
 MIB = 2**20
 TARGET = 1.05  # accumulated step peak / single micro-batch step peak
+CLIP = 1.0
 FULL = {"global_batch": 64, "micros": "64,32,16,8,4", "steps": 10, "repeats": 3}
 QUICK = {"global_batch": 4, "micros": "4,2", "steps": 2, "repeats": 1}  # one thread, too
-QUICK_MODEL = {"n_layer": 1, "n_head": 2, "d_model": 32, "seq_len": 32}
-M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 128 * 1024  # glibc mallopt parameter, bytes
 
 
 # -- peak memory ------------------------------------------------------------------------------
-
-def _proc_status_kib(*keys: str) -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            if name in keys:
-                out[name] = int(value.split()[0])  # "VmHWM:   223552 kB"
-    return out
-
-
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def _malloc_trim() -> None:
-    """Return freed heap pages of every glibc arena to the kernel (no-op without glibc)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-def _fix_mmap_threshold() -> None:
-    """Serve every allocation of 128 KiB or more by its own mmap, unmapped on free.
-
-    Setting ``M_MMAP_THRESHOLD`` also turns off glibc's dynamic threshold, which otherwise rises
-    to the size of freed blocks (up to 32 MiB) and keeps such blocks in the heap afterwards.
-    """
-    libc = _libc()
-    if libc is None or not hasattr(libc, "mallopt") or libc.mallopt(M_MMAP_THRESHOLD,
-                                                                     MMAP_THRESHOLD) != 1:
-        raise SystemExit("memory_k: the 'live' CPU measure needs glibc's mallopt; "
-                         "use --measures held")
-
-
-def _check_cpu_peak_support() -> None:
-    if not (Path("/proc/self/clear_refs").exists() and _proc_status_kib("VmHWM")):
-        raise SystemExit("memory_k: CPU peaks need Linux (/proc/self/clear_refs and VmHWM); "
-                         "run on Linux or with --device cuda")
-
 
 def measure_peak(fn: Callable[[], Any], device: torch.device, measure: str,
                  ) -> dict[str, dict[str, int]]:
@@ -144,8 +109,8 @@ def measure_peak(fn: Callable[[], Any], device: torch.device, measure: str,
     On CPU the one measure this process was set up for (``live`` or ``held``); on CUDA both:
     ``live`` from the allocated-bytes counters, ``held`` from the reserved-bytes counters.
     """
-    gc.collect()
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()  # the reserve then holds only live blocks, like malloc_trim
         pre = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
@@ -155,34 +120,30 @@ def measure_peak(fn: Callable[[], Any], device: torch.device, measure: str,
         peak = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
         return {name: {"pre_bytes": b, "peak_abs_bytes": p, "increment_bytes": p - b}
                 for name, b, p in zip(("live", "held"), pre, peak)}
-    _malloc_trim()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current VmRSS
-    before = _proc_status_kib("VmRSS")["VmRSS"] * 1024
+    before = reset_cpu_peak()
     fn()
-    after = _proc_status_kib("VmHWM")["VmHWM"] * 1024
+    after = cpu_peak()
     return {measure: {"pre_bytes": before, "peak_abs_bytes": after,
                       "increment_bytes": after - before}}
 
 
 # -- one configuration (the child process) ----------------------------------------------------
 
-def _config(args: argparse.Namespace, micro: int) -> TrainConfig:
-    model = QUICK_MODEL if args.quick else {}
-    return TrainConfig(global_batch=args.global_batch, micro_batch=micro, device=args.device,
-                       noise_scale=args.noise_scale, **model)
+def _shape(args: argparse.Namespace) -> Any:
+    return QUICK_SHAPE if args.quick else FULL_SHAPE
 
 
-def _cycles(cfg: TrainConfig, device: torch.device, n: int) -> list[list[dict[str, torch.Tensor]]]:
+def _cycles(args: argparse.Namespace, micro: int, device: torch.device, n: int,
+            ) -> list[list[dict[str, torch.Tensor]]]:
     """``n`` global batches of random bytes, each cut into its micro-batches, on the device."""
-    plan = cfg.plan()
-    g = torch.Generator().manual_seed(cfg.seed)
+    seq_len = _shape(args).seq_len
+    g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(n):
-        ids = torch.randint(0, 256, (plan.global_batch, cfg.seq_len + 1), generator=g)
+        ids = torch.randint(0, 256, (args.global_batch, seq_len + 1), generator=g)
         out.append([{"input_ids": c[:, :-1].contiguous().to(device),
                      "labels": c[:, 1:].contiguous().to(device)}
-                    for c in ids.split(plan.micro_batch)])
+                    for c in ids.split(micro)])
     return out
 
 
@@ -190,15 +151,13 @@ def _tensor_bytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _training(cfg: TrainConfig, device: torch.device,
+def _training(args: argparse.Namespace, device: torch.device,
               ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Accumulator]:
-    """The default model, optimizer, scheduler and Accumulator, as ``bigbatch train`` builds
-    them (single process)."""
-    model = build_model(cfg, device)
-    opt = make_optimizer(model, cfg)
-    acc = Accumulator(model, opt, scheduler=make_scheduler(opt, cfg),
-                      clip_grad_norm=cfg.clip_norm, precision=cfg.precision,  # type: ignore[arg-type]
-                      noise_scale=cfg.noise_scale)
+    """The default model, AdamW and an Accumulator as ``bigbatch train`` uses it (one process,
+    float32, clipping at 1.0, the noise scale as ``--noise-scale`` says)."""
+    model = build_model("default", _shape(args)).to(device)
+    opt = make_optimizer(model)
+    acc = Accumulator(model, opt, clip_grad_norm=CLIP, noise_scale=args.noise_scale)
     return model, opt, acc
 
 
@@ -207,42 +166,33 @@ def run_timing(args: argparse.Namespace, micros: list[int]) -> dict[str, list[fl
     device = resolve_device(args.device)
     if args.quick:
         torch.set_num_threads(1)
-    _, _, acc = _training(_config(args, micros[0]), device)
-    cycles = {m: _cycles(_config(args, m), device, 2) for m in micros}
-    seconds: dict[str, list[float]] = {str(m): [] for m in micros}
-    for step in range(args.steps + 1):  # round 0 is warm-up
-        for m in micros:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            acc.step(cycles[m][step % 2], lm_loss)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if step:
-                seconds[str(m)].append(time.perf_counter() - t0)
-    return seconds
+    _, _, acc = _training(args, device)
+    cycles = {m: _cycles(args, m, device, 2) for m in micros}
+    wait = device_sync(device)
+    steps = {str(m): (lambda r, c=cycles[m]: acc.step(c[r % 2], sum_loss)) for m in micros}
+    times = interleave(steps, args.steps + 1, before=wait, after=wait)
+    return {m: t[1:] for m, t in times.items()}  # round 0 is warm-up
 
 
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
     """Measure one micro-batch size with one CPU measure (or both on CUDA); JSON-ready."""
-    cfg = _config(args, args.micro)
-    device = resolve_device(cfg.device)
+    device = resolve_device(args.device)
     if args.quick:
         torch.set_num_threads(1)  # a smoke test on a shared machine: no spinning thread team
     if device.type == "cpu":
-        _check_cpu_peak_support()
+        check_cpu_peaks()
         if args.measure == "live":
-            _fix_mmap_threshold()
-    model, opt, acc = _training(cfg, device)
-    cycles = _cycles(cfg, device, 2)
+            fix_mmap_threshold()
+    model, opt, acc = _training(args, device)
+    cycles = _cycles(args, args.micro, device, 2)
     k = len(cycles[0])
 
     # Warm-up; the gradient bytes are read while the cycle is in flight.
     for i, batch in enumerate(cycles[0]):
-        acc.accumulate(batch, lm_loss, last=i == k - 1)
+        acc.accumulate(batch, sum_loss, last=i == k - 1)
     grad_bytes = _tensor_bytes(p.grad for p in set(model.parameters()))
     acc.finish()
-    acc.step(cycles[1][:1], lm_loss)
+    acc.step(cycles[1][:1], sum_loss)
     params = set(model.parameters())
     static = {"params": _tensor_bytes(params), "grads": grad_bytes,
               "optimizer_state": _tensor_bytes(v for s in opt.state.values() for v in s.values())}
@@ -253,7 +203,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     for r in range(args.repeats):
         cycle = cycles[r % 2]
         for kind, batches in (("single", cycle[:1]), ("accumulated", cycle)):
-            got = measure_peak(lambda b=batches: acc.step(b, lm_loss), device, args.measure)
+            got = measure_peak(lambda b=batches: acc.step(b, sum_loss), device, args.measure)
             for measure, sample in got.items():
                 samples.setdefault(measure, {}).setdefault(kind, []).append(sample)
 
@@ -276,18 +226,11 @@ LABELS = {"cpu": {"live": "tensors", "held": "default malloc"},
 
 
 def _run_child(args: argparse.Namespace, *extra: str) -> Any:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *extra,
-           "--global-batch", str(args.global_batch), "--steps", str(args.steps),
-           "--repeats", str(args.repeats), "--device", args.device,
-           "--noise-scale" if args.noise_scale else "--no-noise-scale"]
-    if args.quick:
-        cmd.append("--quick")
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.stderr.write(r.stderr)
-        raise SystemExit(f"memory_k: the child process {' '.join(extra)} failed "
-                         f"(exit {r.returncode})")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return child("memory_k", [*extra, "--global-batch", str(args.global_batch),
+                              "--steps", str(args.steps), "--repeats", str(args.repeats),
+                              "--device", args.device,
+                              "--noise-scale" if args.noise_scale else "--no-noise-scale",
+                              *(["--quick"] if args.quick else [])])
 
 
 def _run_config(args: argparse.Namespace, micro: int, device: torch.device,
@@ -391,68 +334,66 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _parse_micros(text: str, global_batch: int) -> list[int]:
+def _parse_micros(p: Any, text: str, global_batch: int) -> list[int]:
     try:
         micros = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"memory_k: --micros {text!r}: give comma-separated integers") from None
+        p.error(f"--micros {text!r}: give comma-separated integers")
     bad = [m for m in micros if m <= 0 or global_batch % m]
     if not micros or bad:
-        raise SystemExit(f"memory_k: micro-batch sizes {bad or micros} do not divide the global "
-                         f"batch {global_batch}; give divisors, e.g. --micros 64,32,16")
+        p.error(f"micro-batch sizes {bad or micros} do not divide the global batch "
+                f"{global_batch}; give divisors, e.g. --micros 64,32,16")
     return micros
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, help="timed optimizer steps per K (default 10)")
-    parser.add_argument("--repeats", type=int,
-                        help="memory measurements per step kind (median; default 3)")
-    parser.add_argument("--global-batch", type=int, help="samples per optimizer step (64)")
-    parser.add_argument("--micros", help="micro-batch sizes (default 64,32,16,8,4)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--measures", default="live,held",
-                        help="CPU: 'live' (tensors), 'held' (default malloc) or both")
-    parser.add_argument("--noise-scale", action=argparse.BooleanOptionalAction, default=True,
-                        help="measure the gradient noise scale, as bigbatch train does")
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny model, K = 1 and 2: a smoke test in seconds")
-    parser.add_argument("--json", default="benchmarks/results/memory_k.json")
-    parser.add_argument("--png", default="benchmarks/results/memory_k.png")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--micro", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--measure", default="held", help=argparse.SUPPRESS)
-    parser.add_argument("--child-timing", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else FULL
-    for key in ("global_batch", "micros", "steps", "repeats"):
-        if getattr(args, key) is None:
-            setattr(args, key, defaults[key])
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser("memory_k", __doc__)
+    p.add_argument("--steps", type=int, help="timed optimizer steps per K (default 10)")
+    p.add_argument("--repeats", type=int,
+                   help="memory measurements per step kind (median; default 3)")
+    p.add_argument("--global-batch", type=int, help="samples per optimizer step (64)")
+    p.add_argument("--micros", help="micro-batch sizes (default 64,32,16,8,4)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--measures", default="live,held",
+                   help="CPU: 'live' (tensors), 'held' (default malloc) or both")
+    p.add_argument("--noise-scale", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the gradient noise scale, as bigbatch train does")
+    p.add_argument("--png", help="where to draw the plot (default: next to the JSON)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--micro", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--measure", default="held", help=argparse.SUPPRESS)
+    p.add_argument("--child-timing", help=argparse.SUPPRESS)
+    args = parse(p, argv)
+    fill(args, FULL, QUICK)
     if args.steps < 0 or args.repeats < 1 or args.global_batch < 1:
-        raise SystemExit("memory_k: --steps must be >= 0, --repeats and --global-batch >= 1")
+        p.error("--steps must be >= 0, --repeats and --global-batch >= 1")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        p.error(str(err))
 
     if args.child:
-        print(json.dumps(run_child(args)))
-        return
+        reply(run_child(args))
+        return 0
     if args.child_timing:
-        print(json.dumps(run_timing(args, _parse_micros(args.child_timing, args.global_batch))))
-        return
+        reply(run_timing(args, _parse_micros(p, args.child_timing, args.global_batch)))
+        return 0
 
-    device = resolve_device(args.device)
-    micros = _parse_micros(args.micros, args.global_batch)
+    micros = _parse_micros(p, args.micros, args.global_batch)
     measures = [m.strip() for m in args.measures.split(",") if m.strip()]
     if device.type == "cuda":
         measures = ["live", "held"]
     elif not measures or any(m not in ("live", "held") for m in measures):
-        raise SystemExit(f"memory_k: --measures {args.measures!r}: give live, held or live,held")
+        p.error(f"--measures {args.measures!r}: give live, held or live,held")
+    if device.type == "cpu":
+        check_cpu_peaks()
     load = os.getloadavg()
     results = []
     for micro in micros:
         results.append(_run_config(args, micro, device, measures))
         r = results[-1]
-        print(f"K={r['k']:>3} micro {micro:>4}: accumulated step peak "
-              f"{r['memory'][measures[0]]['accumulated']['step_peak_bytes'] / MIB:.1f} MiB",
-              file=sys.stderr)
+        log(f"K={r['k']:>3} micro {micro:>4}: accumulated step peak "
+            f"{r['memory'][measures[0]]['accumulated']['step_peak_bytes'] / MIB:.1f} MiB")
     if args.steps:
         timing = _run_child(args, "--child-timing", ",".join(map(str, micros)))
         for r in results:
@@ -462,29 +403,24 @@ def main(argv: list[str] | None = None) -> None:
         for r in results:
             r["step_seconds"], r["seconds_per_step"] = [], None
     rows = _rows(results, measures)
-    cfg = _config(args, micros[0])
+    shape = _shape(args)
     first = measures[0]
     report = {
-        "benchmark": "memory_k",
         "device": device.type,
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else f"{platform.machine()} CPU, {results[0]['threads']} thread(s)"),
-        "torch": torch.__version__, "python": platform.python_version(),
-        "platform": platform.platform(),
+                        else f"{machine()['cpu']}, {results[0]['threads']} thread(s)"),
         "load_average_before_after": [load[0], os.getloadavg()[0]],
-        "command": " ".join(["python", "benchmarks/memory_k.py",
-                             *(sys.argv[1:] if argv is None else argv)]),
-        "model": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "d_model": cfg.d_model,
-                  "seq_len": cfg.seq_len, "parameters": results[0]["parameters"]},
+        "model": {"n_layer": shape.n_layer, "n_head": shape.n_head, "d_model": shape.d_model,
+                  "seq_len": shape.seq_len, "parameters": results[0]["parameters"]},
         "global_batch": args.global_batch, "steps": args.steps, "repeats": args.repeats,
-        "noise_scale": args.noise_scale, "quick": args.quick, "measures": measures,
+        "noise_scale": args.noise_scale, "measures": measures,
         "static": results[0]["static"], "target_ratio": TARGET,
         "within_target": all(r[first]["ratio"] <= TARGET for r in rows),
         "rows": rows, "configs": results,
     }
     st = report["static"]
-    print(f"GPT {cfg.n_layer}×{cfg.d_model}, {report['model']['parameters']:,} parameters, "
-          f"global batch {args.global_batch} × {cfg.seq_len} bytes, {report['device_name']}; "
+    print(f"GPT {shape.n_layer}×{shape.d_model}, {report['model']['parameters']:,} parameters, "
+          f"global batch {args.global_batch} × {shape.seq_len} bytes, {report['device_name']}; "
           f"median of {args.repeats} peaks and {args.steps} timed steps\n")
     print(table(rows, device.type, measures))
     print(f"\nstatic: params {st['params'] / MIB:.1f} + grads {st['grads'] / MIB:.1f} + AdamW "
@@ -495,11 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"worst accumulated / single ({LABELS[device.type][first]}): {w['ratio']:.3f} at "
           f"K={worst['k']}, +{w['accumulated_peak_mib'] - w['single_peak_mib']:.1f} MiB "
           f"(target <= {TARGET}: {'met' if report['within_target'] else 'not met'})")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, Path(args.png))
-    print(f"wrote {args.json} and {args.png}")
-
-
-if __name__ == "__main__":
-    main()
+    write_results(args, report, device=device)
+    png = Path(args.png) if args.png else results_path(args, ".png")
+    plot(report, png)
+    log(f"wrote {png}")
+    return 0

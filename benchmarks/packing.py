@@ -1,10 +1,11 @@
 """Token-budget micro-batches against fixed-size padded ones, on variable-length code.
 
-    flock /tmp/bench.lock python benchmarks/packing.py [--steps 10] [--seq-len 1024]
+    flock /tmp/bench.lock python -m benchmarks packing [--steps 10] [--seq-len 1024]
         [--global-batch 64] [--micro 8] [--samples definition [window]] [--quick]
 
 Data: one document per top-level function or class of the standard library
-(:func:`bigbatch.data.stdlib_definitions`), through :class:`~bigbatch.data.TokenWindows`.
+(:func:`bigbatch.app.data.stdlib_definitions`), through
+:class:`~bigbatch.app.data.TokenWindows`.
 ``--samples definition`` keeps one sample per definition (its first ``seq_len + 1`` bytes: long
 definitions are truncated); ``--samples window`` cuts every definition into windows of
 ``seq_len + 1`` bytes, so a long class gives many full windows and only its last is short
@@ -12,8 +13,8 @@ definitions are truncated); ``--samples window`` cuts every definition into wind
 
 Model: the default byte-level GPT (4 layers, width 128) with ``seq_len`` positions; AdamW, clipping
 at 1.0, float32. Each optimizer step trains on one global batch of ``--global-batch`` samples
-(:func:`bigbatch.data.global_batches`, seed 0), cut three ways, each arm with its own copy of the
-same initial model and the same batches:
+(:func:`bigbatch.app.data.global_batches`, seed 0), cut three ways, each arm with its own copy of
+the same initial model and the same batches:
 
 * ``fixed``: ``BatchPlan.split`` into micro-batches of ``--micro`` rows × ``seq_len`` columns;
 * ``fixed, trimmed``: the same micro-batches, each cut to its own longest sample (what a
@@ -21,25 +22,23 @@ same initial model and the same batches:
 * ``packed``: sorted by length and packed under a budget of ``micro × seq_len`` token positions
   (:func:`bigbatch.packing.packed_micro_batches`), so no micro-batch is larger than a fixed one.
 
-Arms run interleaved, step by step, in rotating order; the first ``--warmup`` steps are discarded
-and medians are reported. Timed per step: building the micro-batches plus ``Accumulator.step``.
-Tokens/s counts real (non-padding) tokens, the same for every arm. All arms compute the same
-update, so after the run their weights should agree up to float32 rounding: printed as the largest
-per-tensor relative difference and as ‖θ_packed − θ_fixed‖ / ‖θ_fixed − θ_0‖.
+Arms run interleaved, step by step, in rotating order (:func:`benchmarks._harness.interleave`);
+the first ``--warmup`` steps are discarded and medians are reported. Timed per step: building the
+micro-batches plus ``Accumulator.step``. Tokens/s counts real (non-padding) tokens, the same for
+every arm; the speed-up is the median over steps of time(fixed) / time(arm) on the same global
+batch. All arms compute the same update, so after the run their weights should agree up to
+float32 rounding: printed as the largest per-tensor relative difference and as
+‖θ_packed − θ_fixed‖ / ‖θ_fixed − θ_0‖.
+``--quick``: a tiny model, 30 stdlib files, 2 steps of both sample kinds: a smoke test, not a
+timing.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import os
-import platform
 import statistics
-import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -54,8 +53,10 @@ from bigbatch.app.data import (
     stdlib_definitions,
 )
 from bigbatch.app.models.gpt import GPT, GPTConfig
-from bigbatch.app.workload import lm_loss
 from bigbatch.packing import label_lengths, trim_padding
+
+from ._harness import BenchmarkError, interleave, parse, parser, write_results
+from .peer_methods import sum_loss
 
 ARMS = ("fixed", "fixed, trimmed", "packed")
 
@@ -112,50 +113,44 @@ def run(samples: str, *, steps: int, warmup: int, seq_len: int, global_batch: in
     models = {arm: copy.deepcopy(start) for arm in ARMS}
     accs = {arm: Accumulator(m, torch.optim.AdamW(m.parameters(), lr=1e-3), clip_grad_norm=1.0)
             for arm, m in models.items()}
-    rec: dict[str, dict[str, list[float]]] = {
-        arm: {"seconds": [], "tok_s": [], "padding": [], "micro": [], "largest": [], "loss": []}
-        for arm in ARMS}
     batches = global_batches(len(windows), global_batch, seed=0)
-    for step in range(warmup + steps):
-        print(f"  {samples}: step {step + 1}/{warmup + steps}", file=sys.stderr, flush=True)
-        rows = next(batches)
-        real = windows.tokens_in(rows)
-        for j in range(len(ARMS)):
-            arm = ARMS[(step + j) % len(ARMS)]  # rotate who goes first
-            t0 = time.perf_counter()
-            micro_batches = build[arm](rows)
-            stats = accs[arm].step(micro_batches, lm_loss)
-            seconds = time.perf_counter() - t0
-            assert stats.count == real and not stats.skipped
-            rec[arm]["loss"].append(stats.loss)
-            if step < warmup:
-                continue
-            cells = [m["labels"].numel() for m in micro_batches]
-            r = rec[arm]
-            r["seconds"].append(seconds)
-            r["tok_s"].append(real / seconds)
-            r["padding"].append(1 - real / sum(cells))
-            r["micro"].append(len(micro_batches))
-            r["largest"].append(max(cells))
+    rows = [next(batches) for _ in range(warmup + steps)]
+    real = [windows.tokens_in(r) for r in rows]
+    rec: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
+
+    def arm_step(arm: str) -> Callable[[int], None]:
+        def step(r: int) -> None:  # timed: building the micro-batches and the step
+            micro_batches = build[arm](rows[r])
+            stats = accs[arm].step(micro_batches, sum_loss)
+            rec[arm].append({"loss": stats.loss, "count": stats.count, "skipped": stats.skipped,
+                             "cells": [m["labels"].numel() for m in micro_batches]})
+        return step
+
+    times = interleave({arm: arm_step(arm) for arm in ARMS}, warmup + steps, label=f"  {samples}")
+    for arm in ARMS:
+        for r, got in enumerate(rec[arm]):
+            if got["count"] != real[r] or got["skipped"]:
+                raise BenchmarkError(f"{arm}, step {r + 1}: {got['count']} items of {real[r]}"
+                                     + (", skipped" if got["skipped"] else ""))
     out: dict[str, Any] = {"samples": samples, "num_samples": len(windows),
                            "mean_real_length": windows.num_tokens / len(windows), "arms": {}}
-    base = rec["fixed"]
+    base, base_timed = rec["fixed"], times["fixed"][warmup:]
     for arm in ARMS:
-        r = rec[arm]
+        timed, kept, tokens = times[arm][warmup:], rec[arm][warmup:], real[warmup:]
         max_rel, rel_to_update = relative_differences(models[arm], models["fixed"], start)
         out["arms"][arm] = {
-            "tokens_per_s": statistics.median(r["tok_s"]),
-            "seconds_per_step": statistics.median(r["seconds"]),
-            "speedup_vs_fixed": statistics.median(
-                b / a for a, b in zip(r["seconds"], base["seconds"])),
-            "padding_fraction": sum(r["padding"]) / len(r["padding"]),
-            "micro_batches_per_step": sum(r["micro"]) / len(r["micro"]),
-            "largest_micro_batch_positions": max(r["largest"]),
+            "tokens_per_s": statistics.median(n / t for n, t in zip(tokens, timed)),
+            "seconds_per_step": statistics.median(timed),
+            "speedup_vs_fixed": statistics.median(b / a for a, b in zip(timed, base_timed)),
+            "padding_fraction": statistics.fmean(1 - n / sum(g["cells"])
+                                                 for n, g in zip(tokens, kept)),
+            "micro_batches_per_step": statistics.fmean(len(g["cells"]) for g in kept),
+            "largest_micro_batch_positions": max(max(g["cells"]) for g in kept),
             "max_rel_param_diff_vs_fixed": max_rel,
             "param_diff_over_update_vs_fixed": rel_to_update,
             "max_abs_loss_diff_vs_fixed": max(
-                abs(a - b) for a, b in zip(r["loss"], base["loss"])),
-            "seconds_each_step": r["seconds"],
+                abs(a["loss"] - b["loss"]) for a, b in zip(rec[arm], base)),
+            "seconds_each_step": timed,
         }
     return out
 
@@ -177,19 +172,16 @@ def table(results: list[dict[str, Any]], micro: int, seq_len: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per arm")
-    parser.add_argument("--warmup", type=int, default=2, help="steps discarded first")
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--global-batch", type=int, default=64)
-    parser.add_argument("--micro", type=int, default=8, help="rows of a fixed micro-batch")
-    parser.add_argument("--samples", nargs="+", choices=["definition", "window"],
-                        default=["definition"])
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny model, 30 stdlib files, 2 steps: a smoke test, not a timing")
-    parser.add_argument("--json", default="benchmarks/results/packing.json")
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser("packing", __doc__)
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per arm")
+    p.add_argument("--warmup", type=int, default=2, help="steps discarded first")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--global-batch", type=int, default=64)
+    p.add_argument("--micro", type=int, default=8, help="rows of a fixed micro-batch")
+    p.add_argument("--samples", nargs="+", choices=["definition", "window"],
+                   default=["definition"])
+    args = parse(p, argv)
     if args.quick:
         args.steps, args.warmup, args.seq_len, args.global_batch, args.micro = 2, 1, 64, 16, 4
         args.samples = ["definition", "window"]
@@ -198,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         config = GPTConfig(seq_len=args.seq_len)
         files = None
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be at least 1 and --warmup at least 0")
     t0 = time.perf_counter()
     defs = definitions(files)
     print(f"{len(defs):,} definitions parsed in {time.perf_counter() - t0:.1f}s; "
@@ -221,20 +215,12 @@ def main(argv: list[str] | None = None) -> None:
                       f"{a['max_abs_loss_diff_vs_fixed']:.1e}, largest micro-batch "
                       f"{a['largest_micro_batch_positions']} positions (fixed: "
                       f"{res['arms']['fixed']['largest_micro_batch_positions']})")
-    record = {
+    write_results(args, {
         "settings": {"steps": args.steps, "warmup": args.warmup, "seq_len": args.seq_len,
                      "global_batch": args.global_batch, "micro": args.micro,
                      "token_budget": args.micro * args.seq_len, "quick": args.quick,
                      "model": {"n_layer": config.n_layer, "n_head": config.n_head,
                                "d_model": config.d_model}, "definitions": len(defs)},
-        "environment": {"torch": torch.__version__, "python": sys.version.split()[0],
-                        "platform": platform.platform(), "cpus": os.cpu_count(),
-                        "threads": torch.get_num_threads()},
         "results": results,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    })
+    return 0

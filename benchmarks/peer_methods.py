@@ -1,19 +1,21 @@
-"""The models, data and training steps that ``python -m benchmarks`` compares.
+"""The models, data and training steps that ``python -m benchmarks peers`` compares (and that
+the other benchmarks reuse: the model builder, the hand loop, the losses, the optimizer).
 
 Two models, both byte-level language models over 256 token ids, random initialization, nothing
 downloaded:
 
-* ``default``: :class:`bigbatch.gpt.GPT` with the ``bigbatch train`` shape (4 layers, width 128,
-  4 heads, 128-byte samples);
+* ``default``: :class:`bigbatch.app.models.gpt.GPT` with the ``bigbatch train`` shape (4 layers,
+  width 128, 4 heads, 128-byte samples);
 * ``gpt2``: ``transformers.GPT2LMHeadModel`` built from a ``GPT2Config`` of the same size
   (4 layers, width 128, 4 heads, ``n_positions`` = sequence length, vocabulary 256, dropout
   off), wrapped so that ``model(input_ids)`` returns the logits.
 
-Data: the bytes of the Python standard library's own sources (:func:`bigbatch.data.load_documents`
-with ``None``), cut into 128-byte windows (documents' last windows are padded), and each row's
-labels then cut at a random length by :func:`bigbatch.data.vary_lengths`: the micro-batches of
-a cycle hold different numbers of real tokens, which is where a per-micro-batch mean loss
-divided by K differs from the token mean over the cycle.
+Data: the bytes of the Python standard library's own sources
+(:func:`bigbatch.app.data.load_documents` with ``None``), cut into 128-byte windows (documents'
+last windows are padded), and each row's labels then cut at a random length by
+:func:`bigbatch.app.data.vary_lengths`: the micro-batches of a cycle hold different numbers of
+real tokens, which is where a per-micro-batch mean loss divided by K differs from the token mean
+over the cycle.
 
 Each *method* takes one optimizer step from a cycle (a list of K micro-batches), with the same
 optimizer (AdamW, ``lr`` 1e-3, betas 0.9/0.95, weight decay 0.1, one parameter group) and the same
@@ -61,6 +63,8 @@ from bigbatch.app.data import (
 )
 from bigbatch.app.models.gpt import GPT, GPTConfig
 from bigbatch.loss import IGNORE_INDEX, LossSum, token_cross_entropy
+
+from ._harness import device_sync
 
 Batch = dict[str, torch.Tensor]
 Cycle = list[Batch]
@@ -201,12 +205,6 @@ def sum_loss(model: nn.Module, batch: Batch) -> LossSum:
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued device work, so a wall-clock reading covers it (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- methods -----------------------------------------------------------------------------------
@@ -392,6 +390,7 @@ def lightning_interleaved(model: nn.Module, cycles: Sequence[Cycle], device: tor
 
     k = len(cycles[0])
     times: list[float] = []
+    wait = device_sync(device) or (lambda: None)
 
     class Interleave(L.Callback):
         t0 = 0.0
@@ -405,7 +404,7 @@ def lightning_interleaved(model: nn.Module, cycles: Sequence[Cycle], device: tor
                                idx: int) -> None:
             if (idx + 1) % k:
                 return
-            sync(device)
+            wait()
             times.append(time.perf_counter() - self.t0)
             if (idx + 1) // k < len(cycles):
                 run_others((idx + 1) // k)

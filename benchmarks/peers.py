@@ -1,8 +1,8 @@
 """bigbatch against the hand-written loop, Hugging Face Accelerate and PyTorch Lightning.
 
-    python -m benchmarks                 # both models, K = 1, 8, 32: about 6 min on 2 CPU cores
-    python -m benchmarks --quick --json /tmp/p.json --png /tmp/p.png     # smoke run, < 1 min
-    python -m benchmarks --models default --k 8 --steps 30 --parts speed
+    python -m benchmarks peers           # both models, K = 1, 8, 32: about 6 min on 2 CPU cores
+    python -m benchmarks peers --quick   # smoke run, < 1 min
+    python -m benchmarks peers --models default --k 8 --steps 30 --parts speed
 
 On each model (``default``: the ``bigbatch train`` GPT; ``gpt2``: a GPT-2-shaped
 ``transformers.GPT2LMHeadModel`` of the same size, randomly initialized; see
@@ -13,7 +13,8 @@ library's source bytes, three parts:
    ``--k``, micro-batches of ``--micro`` rows: the hand loop, the same hand loop again (``hand2``,
    an A/A check whose distance from the first is the noise of the measurement), bigbatch,
    Accelerate, Lightning. All start from the same weights and take the same cycle in each round,
-   in turns (the order of the non-Lightning methods rotates by one place per round). The first
+   in turns (the order of the non-Lightning methods rotates by one place per round:
+   :func:`benchmarks._harness.interleave`). The first
    ``--warmup`` rounds (at K > 8: one) are discarded; the table gives the median of the others
    (``--steps`` of them at K = 8, and at other K as many micro-batches: ``steps · 8 / K``
    rounds, at least 8) and, in brackets, the median over rounds of its time divided by the hand
@@ -38,7 +39,8 @@ library's source bytes, three parts:
 Accelerate and Lightning come with the ``bench`` extra (``pip install -e ".[bench]"``); a peer
 that is not installed is skipped with a note, as is the ``gpt2`` model without ``transformers``.
 Results: markdown tables on stdout (progress on stderr), ``--json`` and ``--png``
-(``benchmarks/results/peers.json`` and ``.png``; with ``--quick``, in the temporary folder).
+(``benchmarks/results/peers.json`` and ``.png``; with ``--quick``, in the temporary folder; the
+PNG goes next to the JSON unless ``--png`` says where).
 Nothing here asserts anything about time: the numbers are what this machine measured.
 """
 
@@ -47,23 +49,34 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import math
-import os
-import platform
-import shlex
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
+from ._harness import (
+    child,
+    choices,
+    device_sync,
+    fill,
+    int_list,
+    interleave,
+    log,
+    machine,
+    machine_line,
+    parse,
+    parser,
+    resolve_device,
+    results_path,
+    run_round,
+    summarize,
+    write_results,
+)
 from .peer_methods import (
     FULL_SHAPE,
     METHODS,
@@ -79,11 +92,8 @@ from .peer_methods import (
     lightning_interleaved,
     make_method,
     missing_packages,
-    sync,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("speed", "correctness", "memory")
 DISTANCE = "‖θ_method − θ_full‖ / ‖θ_full − θ_0‖ (all parameters as one vector, float64)"
 LABELS = {"hand": "hand loop (loss/K)", "hand2": "hand loop again (A/A noise check)",
@@ -97,18 +107,8 @@ QUICK = {"k": "1,2", "micro": 2, "steps": 2, "warmup": 1, "correct_k": 2, "corre
 MIN_LARGE_K_STEPS = 8
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad flags: one line on stderr, exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"python -m benchmarks: {message} (see --help)\n")
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="python -m benchmarks", description=__doc__.splitlines()[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="tiny models and settings, one thread (smoke test)")
+    p = parser("peers", __doc__)
     p.add_argument("--models", default="default,gpt2", help="comma list of: default, gpt2")
     p.add_argument("--peers", default="accelerate,lightning",
                    help="comma list of: accelerate, lightning; or none")
@@ -133,19 +133,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int,
                    help="torch intra-op threads (default: torch's choice; 1 with --quick)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--json", help="where to write the results (default benchmarks/results/"
-                                  "peers.json)")
-    p.add_argument("--png", help="where to draw the plot (default benchmarks/results/peers.png)")
+    p.add_argument("--png", type=Path,
+                   help="where to draw the plot (default: next to the JSON, as peers.png)")
     p.add_argument("--seed", type=int, default=0, help="weights and data order (default 0)")
-    args = p.parse_args(argv)
-    preset = QUICK if args.quick else DEFAULTS
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.k = _int_list(p, "--k", args.k)
-    args.models = _choices(p, "--models", args.models, MODELS)
-    args.peers = [] if args.peers.strip() == "none" else _choices(p, "--peers", args.peers, PEERS)
-    args.parts = _choices(p, "--parts", args.parts, PARTS)
+    args = parse(p, argv)
+    fill(args, DEFAULTS, QUICK)
+    args.k = int_list(p, "--k", args.k)
+    args.models = choices(p, "--models", args.models, MODELS)
+    args.peers = [] if args.peers.strip() == "none" else choices(p, "--peers", args.peers, PEERS)
+    args.parts = choices(p, "--parts", args.parts, PARTS)
     for flag in ("micro", "steps", "correct_k", "correct_steps", "global_batch", "memory_steps"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
@@ -155,52 +151,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.device = _device(args.device)
     except ValueError as err:
         p.error(str(err))
-    where = Path(tempfile.gettempdir()) if args.quick else RESULTS
-    stem = "bigbatch_peers_quick" if args.quick else "peers"
-    args.json = Path(args.json) if args.json else where / f"{stem}.json"
-    args.png = Path(args.png) if args.png else where / f"{stem}.png"
+    args.png = args.png or results_path(args, ".png")
     args.shape = QUICK_SHAPE if args.quick else FULL_SHAPE
     return args
 
 
-def _int_list(p: _Parser, flag: str, text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        p.error(f"{flag} {text!r} is not a comma list of integers, e.g. 1,8,32")
-    if not values or min(values) < 1:
-        p.error(f"{flag} {text!r} must list integers >= 1, e.g. 1,8,32")
-    return sorted(set(values))
-
-
-def _choices(p: _Parser, flag: str, text: str, allowed: Sequence[str]) -> list[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in values if v not in allowed]
-    if bad or not values:
-        p.error(f"{flag} {text!r}: choose from {', '.join(allowed)}")
-    return [v for v in allowed if v in values]
-
-
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto"
-                         ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use cpu or auto")
+    device = resolve_device(name)
     if device.type == "cuda" and device.index not in (None, 0):
         raise ValueError(f"--device {name}: Accelerate takes the first visible GPU; run with "
                          f"CUDA_VISIBLE_DEVICES={device.index} and --device cuda")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda are supported")
     return device
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # -- part 1: speed -----------------------------------------------------------------------------
@@ -216,44 +177,25 @@ def warmup_rounds(warmup: int, k: int) -> int:
     return warmup if k <= 8 else min(warmup, 1)
 
 
-def interleave(methods: dict[str, Any], cycles: Sequence[Sequence[Any]], device: torch.device,
-               lightning_model: torch.nn.Module | None = None) -> dict[str, list[float]]:
+def interleave_methods(methods: dict[str, Any], cycles: Sequence[Sequence[Any]],
+                       device: torch.device, lightning_model: torch.nn.Module | None = None,
+                       ) -> dict[str, list[float]]:
     """Seconds per optimizer step of each method, taking turns on the same cycle each round.
 
     ``methods`` maps a name to an object with ``step(cycle)``; their order rotates by one place
-    each round. With ``lightning_model``, Lightning trains that model too, last in each round (it
-    drives the rounds; see :func:`~benchmarks.peer_methods.lightning_interleaved`).
+    each round (:func:`benchmarks._harness.interleave`). With ``lightning_model``, Lightning trains
+    that model too, last in each round (it drives the rounds; see
+    :func:`~benchmarks.peer_methods.lightning_interleaved`).
     """
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    names = list(methods)
-
-    def run_round(r: int) -> None:
-        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no fixed places
-            method = methods[name]
-            sync(device)
-            t0 = time.perf_counter()
-            method.step(cycles[r])
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-
+    steps = {name: (lambda r, m=method: m.step(cycles[r])) for name, method in methods.items()}
+    wait = device_sync(device)
     if lightning_model is None:
-        for r in range(len(cycles)):
-            run_round(r)
-    else:
-        times["lightning"] = lightning_interleaved(lightning_model, cycles, device, run_round)
+        return interleave(steps, len(cycles), before=wait, after=wait)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    times["lightning"] = lightning_interleaved(
+        lightning_model, cycles, device,
+        lambda r: run_round(steps, r, times, before=wait, after=wait))
     return times
-
-
-def summarize(times: dict[str, list[float]], warmup: int, baseline: str) -> dict[str, Any]:
-    """Medians of the rounds after ``warmup``, ratios to ``baseline``'s median."""
-    kept = {name: t[warmup:] for name, t in times.items()}
-    med = {name: statistics.median(t) for name, t in kept.items()}
-    return {"seconds": med,
-            "ratio": {name: m / med[baseline] for name, m in med.items()},
-            "paired_ratio": {name: statistics.median(a / b for a, b in
-                                                     zip(t, kept[baseline]))
-                             for name, t in kept.items()},
-            "rounds": {name: times[name] for name in times}}
 
 
 def run_speed(name: str, corpus: Corpus, args: argparse.Namespace,
@@ -270,7 +212,7 @@ def run_speed(name: str, corpus: Corpus, args: argparse.Namespace,
                     for m in methods if m != "lightning"}
         light = clone(base) if "lightning" in methods else None
         t0 = time.perf_counter()
-        times = interleave(steppers, cycles, args.device, light)
+        times = interleave_methods(steppers, cycles, args.device, light)
         row = {"k": k, "micro": args.micro, "rows_per_step": k * args.micro,
                "timed_steps": n - warm, "warmup": warm, **summarize(times, warm, "hand")}
         rows.append(row)
@@ -334,22 +276,17 @@ def run_memory(name: str, corpus: Corpus, args: argparse.Namespace) -> list[dict
         corpus.restart()
         cycles[k] = corpus.cycles(n, k, g // k, args.device)
     accs = {k: BigBatch(clone(base)) for k in ks}
-    times: dict[int, list[float]] = {k: [] for k in ks}
-    for r in range(n):
-        for k in ks:
-            sync(args.device)
-            t0 = time.perf_counter()
-            accs[k].step(cycles[k][r])
-            sync(args.device)
-            times[k].append(time.perf_counter() - t0)
-    del accs, cycles, base
+    wait = device_sync(args.device)
+    steps = {str(k): (lambda r, a=accs[k], c=cycles[k]: a.step(c[r])) for k in ks}
+    times = interleave(steps, n, before=wait, after=wait)
+    del steps, accs, cycles, base
     gc.collect()
     rows = []
     for k in ks:
         peak = _child_peak(name, k, args)
         rows.append({"k": k, "micro": g // k, "global_batch": g,
-                     "seconds": statistics.median(times[k][args.warmup:]),
-                     "rounds": times[k], **peak})
+                     "seconds": statistics.median(times[str(k)][args.warmup:]),
+                     "rounds": times[str(k)], **peak})
     for row in rows:
         row["seconds_vs_full"] = row["seconds"] / rows[0]["seconds"]
         row["peak_vs_full"] = row["peak_bytes"] / rows[0]["peak_bytes"]
@@ -358,15 +295,11 @@ def run_memory(name: str, corpus: Corpus, args: argparse.Namespace) -> list[dict
 
 def _child_peak(name: str, k: int, args: argparse.Namespace) -> dict[str, Any]:
     shape = args.shape
-    cmd = [sys.executable, "-m", "benchmarks.fullbatch_child", "--model", name, "--k", str(k),
-           "--global-batch", str(args.global_batch), "--steps", str(args.memory_steps),
-           "--device", str(args.device), "--seed", str(args.seed), "--threads", str(args.threads),
-           "--shape", f"{shape.n_layer},{shape.n_head},{shape.d_model},{shape.seq_len}"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    if r.returncode != 0:
-        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"memory process for {name} K={k} failed: {tail}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return child("fullbatch_child", [
+        "--model", name, "--k", str(k), "--global-batch", str(args.global_batch),
+        "--steps", str(args.memory_steps), "--device", str(args.device), "--seed", str(args.seed),
+        "--threads", str(args.threads),
+        "--shape", f"{shape.n_layer},{shape.n_head},{shape.d_model},{shape.seq_len}"])
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -380,28 +313,6 @@ def _version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def machine_line(m: dict[str, Any]) -> str:
-    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads"
-    return f"{where}; {m['platform']}, Python {m['python']}"
 
 
 def _fmt_dist(x: float) -> str:
@@ -566,8 +477,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "python -m benchmarks" + "".join(
-        f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
     skipped: dict[str, str] = {}
     models = []
     for name in args.models:
@@ -587,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"note: skipping {what}: {why}")
     t_start = time.perf_counter()
     report: dict[str, Any] = {
-        "command": command, "machine": machine(args.device),
+        "command": args.command, "machine": machine(args.device),
         "versions": {p: _version(p) for p in ("torch", "transformers", "accelerate", "lightning")},
         "settings": {"k": args.k, "micro": args.micro, "steps": args.steps,
                      "warmup": args.warmup, "correct_k": args.correct_k,
@@ -620,12 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["seconds_total"] = time.perf_counter() - t_start
     report["markdown"] = markdown(report)
     print(report["markdown"], end="")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    write_results(args, report, device=args.device)
     plot(report, args.png)
-    log(f"wrote {args.json} and {args.png} in {report['seconds_total']:.0f}s")
+    log(f"wrote {args.png}; {report['seconds_total']:.0f}s in all")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

