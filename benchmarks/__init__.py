@@ -15,6 +15,7 @@ BENCHMARKS = {
     "noise_overhead": "benchmarks.noise_overhead",
     "sync": "benchmarks.sync",
     "checkpoint_cost": "benchmarks.checkpoint_cost",
+    "jax": "benchmarks.jax_step",
 }
 
 #: child processes the benchmarks start (``python -m benchmarks NAME``); not listed.
