@@ -13,6 +13,7 @@ from runcli import run
 from safetensors.torch import load_file
 
 import bigbatch.app.trainer as trainer
+import bigbatch.app.workload as workload
 from bigbatch.app.config import TrainConfig
 from bigbatch.app.runfolder import load_run_config
 from bigbatch.memory import OutOfMemory
@@ -78,14 +79,14 @@ def _config(out: Path, text: Path, **kw) -> TrainConfig:
 def test_out_of_memory_in_a_run_is_split_and_the_weights_are_unchanged(
         tmp_path: Path, text: Path, monkeypatch) -> None:
     clean = trainer.train(_config(tmp_path / "clean", text), stream=io.StringIO())
-    real = trainer.lm_loss
+    real = workload.lm_loss
 
     def faulty(model, batch):  # any micro-batch of more than 2 rows runs out of memory
         if batch["input_ids"].shape[0] > 2:
             raise torch.OutOfMemoryError("injected: CUDA out of memory")
         return real(model, batch)
 
-    monkeypatch.setattr(trainer, "lm_loss", faulty)
+    monkeypatch.setattr(workload, "lm_loss", faulty)
     log = io.StringIO()
     split = trainer.train(_config(tmp_path / "split", text), stream=log)
     assert "ran out of memory and were split in two" in log.getvalue()
@@ -103,7 +104,7 @@ def test_a_sample_that_never_fits_stops_the_run_with_a_checkpoint(
     def faulty(model, batch):
         raise torch.OutOfMemoryError("injected")
 
-    monkeypatch.setattr(trainer, "lm_loss", faulty)
+    monkeypatch.setattr(workload, "lm_loss", faulty)
     with pytest.raises(trainer.RunStopped) as info:
         trainer.train(_config(tmp_path / "run", text), stream=io.StringIO())
     assert info.value.exit_code == 1

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import bigbatch.app.trainer as trainer
+import bigbatch.app.workload as workload
 from bigbatch.app.checkpoint import list_checkpoints, load_checkpoint
 from bigbatch.app.config import TrainConfig
 from bigbatch.loss import LossSum
@@ -170,7 +171,7 @@ def _config(text: Path, out: Path, **kw) -> TrainConfig:
 def _nan_at(step_to_poison: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the loss of one micro-batch of optimizer step ``step_to_poison`` (1-based) NaN."""
     calls = {"n": 0}
-    real = trainer.lm_loss
+    real = workload.lm_loss
 
     def poisoned(model, batch):
         calls["n"] += 1
@@ -179,7 +180,7 @@ def _nan_at(step_to_poison: int, monkeypatch: pytest.MonkeyPatch) -> None:
             return LossSum(ls.sum * float("nan"), ls.count)
         return ls
 
-    monkeypatch.setattr(trainer, "lm_loss", poisoned)
+    monkeypatch.setattr(workload, "lm_loss", poisoned)
 
 
 def test_nonfinite_skip_leaves_the_step_out(tmp_path: Path, text: Path,

@@ -37,6 +37,7 @@ class Checkpointer:
         out: the run folder (checkpoints go to ``out/checkpoints``).
         ranks, comm: the data-parallel ranks and the device their small collectives use.
         model, optimizer, scheduler, acc: what is trained (``model`` unwrapped).
+        trainable_only: save only the parameters that train (LoRA adapters), not the frozen base.
         extras: further state by name (None values are saved as None and not restored).
         keep: how many checkpoints to keep.
         fsdp: the model is sharded with FSDP2.
@@ -44,18 +45,20 @@ class Checkpointer:
 
     def __init__(self, out: Path, *, ranks: Ranks, comm: torch.device, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: Any, acc: Accumulator,
-                 extras: Mapping[str, Stateful | None], keep: int, fsdp: bool) -> None:
+                 extras: Mapping[str, Stateful | None], keep: int, fsdp: bool,
+                 trainable_only: bool = False) -> None:
         self.out, self.root, self.metrics = out, out / "checkpoints", out / "metrics.jsonl"
         self.ranks, self.comm, self.keep, self.fsdp = ranks, comm, keep, fsdp
         self.model, self.optimizer, self.scheduler, self.acc = model, optimizer, scheduler, acc
         self.extras = dict(extras)
+        self.trainable_only = trainable_only  # LoRA: the frozen base comes from its folder
 
     def save(self, step: int, micro: int) -> Path:
         """Checkpoint the run at optimizer step ``step``, ``micro`` micro-batches into the next
         cycle (all ranks call it; rank 0 writes). Returns the checkpoint's path."""
         where = Position(step, micro, self.metrics.stat().st_size if self.ranks.main else 0)
         state = capture(where, self.model, self.optimizer, self.scheduler, self.acc,
-                        fsdp=self.fsdp)
+                        fsdp=self.fsdp, trainable_only=self.trainable_only)
         state["extra"] = {name: None if obj is None else obj.state_dict()
                           for name, obj in self.extras.items()}
         name = checkpoint_name(step, micro)
@@ -86,7 +89,7 @@ class Checkpointer:
             path, state, rejected = found
             try:
                 where = restore(state, self.model, self.optimizer, self.scheduler, self.acc,
-                                fsdp=self.fsdp)
+                                fsdp=self.fsdp, trainable_only=self.trainable_only)
                 extra = state.get("extra") or {}
                 for name, obj in self.extras.items():
                     if obj is not None:

@@ -1,4 +1,4 @@
-"""``bigbatch`` command line: ``train``, ``verify``, ``compare`` and ``plan``.
+"""``bigbatch`` command line: ``train``, ``verify``, ``compare``, ``plan`` and ``export``.
 
 Each subcommand is a plain function. Flags are generated from the config groups of
 :mod:`.config`, one argparse group each, so the flags, the config-file keys and a run's
@@ -25,13 +25,15 @@ __all__ = ["build_parser", "main"]
 EXIT_USAGE = 2
 
 # The config keys each command uses (train: all of them).
-_MODEL = ("n_layer", "n_head", "d_model", "dtype", "checkpoint_activations", "batchnorm")
+_MODEL = ("model", "task", "lora", "lora_alpha", "lora_targets", "lora_dropout", "n_layer",
+          "n_head", "d_model", "dtype", "checkpoint_activations", "batchnorm")
 _BATCH = ("global_batch", "micro_batch", "accum_steps")
-VERIFY_KEYS = (*_BATCH, *_MODEL, "lr", "clip", "data", "seq_len", "device", "seed")
-COMPARE_KEYS = (*_BATCH, *_MODEL, "lr", "warmup", "schedule", "weight_decay", "clip", "data",
-                "seq_len", "out", "overwrite", "device", "seed", "precision")
-PLAN_KEYS = ("global_batch", "memory", *_MODEL, "data", "seq_len", "device", "seed",
-             "precision", "lr", "weight_decay")
+_DATA = ("data", "seq_len", "on_bad_sample")
+VERIFY_KEYS = (*_BATCH, *_MODEL, *_DATA, "lr", "clip", "device", "seed")
+COMPARE_KEYS = (*_BATCH, *_MODEL, *_DATA, "lr", "warmup", "schedule", "weight_decay", "clip",
+                "out", "overwrite", "device", "seed", "precision")
+PLAN_KEYS = ("global_batch", "memory", *_MODEL, *_DATA, "device", "seed", "precision", "lr",
+             "weight_decay")
 
 
 class UsageError(BigBatchError):
@@ -112,9 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return stop.exit_code
     if not result.main:
         return 0
-    print(f"final validation loss {result.final_val_loss:.4f} nats/byte "
-          f"(uniform: 5.55); training loss {result.final_train_loss:.4f}; "
-          f"{result.steps} steps in {result.seconds:.0f}s")
+    print(f"final validation {result.final_metrics}; training loss "
+          f"{result.final_train_loss:.4f}; {result.steps} steps in {result.seconds:.0f}s")
     print(f"run folder: {result.out}")
     return 0
 
@@ -123,12 +124,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import torch
 
     from ..verify import default_rtol, format_table, verify
+    from .models.factory import is_factory
     from .verify import default_verify_inputs, factory_verify_inputs
 
     config = _config(args, own=("steps",), steps=args.verify_steps)
     plan = config.plan()
-    if args.model:
-        model, batches, loss_fn, make_opt = factory_verify_inputs(args.model, config)
+    if not config.model.builtin and is_factory(config.model.model):  # type: ignore[arg-type]
+        model, batches, loss_fn, make_opt = factory_verify_inputs(config.model.model, config)
     else:
         model, batches, loss_fn, make_opt = default_verify_inputs(config, config.optim.steps)
     dtype = {"float32": torch.float32, "float64": torch.float64,
@@ -184,6 +186,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .artifacts import export_run
+
+    run = Path(args.run)
+    target = Path(args.out) if args.out else run / ("merged" if args.merge else "export")
+    print(f"wrote {export_run(run, target, merge=args.merge)}")
+    return 0
+
+
 def train_command(config: TrainConfig, global_batch: int, micro_batch: int) -> str:
     """``bigbatch train`` with the chosen sizes and every flag the plan was measured with that
     is not at its default (so what was measured is what trains)."""
@@ -203,7 +214,7 @@ def train_command(config: TrainConfig, global_batch: int, micro_batch: int) -> s
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bigbatch", description="Gradient accumulation done exactly.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,verify,compare,plan}",
+    sub = parser.add_subparsers(dest="command", metavar="{train,verify,compare,plan,export}",
                                 parser_class=_Parser)
     sub.required = True
 
@@ -226,8 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="optimizer steps to compare (default 3)")
     own.add_argument("--rtol", type=_word(float, "rtol"), default=None,
                      help="relative tolerance (default 1e-10 for float64, 1e-4 for float32)")
-    own.add_argument("--model", metavar="MODULE:FACTORY", default=None,
-                     help="your own setup: a function returning (model, batch, loss_fn)")
     own.add_argument("--normalization", choices=("exact", "naive"), default="exact",
                      help="naive: divide each micro-batch's own mean by K (the 2024 bug), to see "
                      "it fail")
@@ -258,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--repeats", type=_positive_int("--repeats"), default=3,
                      help="timed forward/backward passes per candidate (default 3)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("export", help="write a run's Hugging Face model as a folder",
+                       description="Write the model a run of --model PATH trained as a folder "
+                       "that transformers loads: the fine-tuned model, or with --merge the base "
+                       "model with the run's LoRA adapters folded into its weights.")
+    p.add_argument("run", metavar="RUN", help="the run folder")
+    p.add_argument("--merge", action="store_true",
+                   help="fold LoRA adapters into the base weights (a plain model folder)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="where to write (default: RUN/merged, or RUN/export); never overwritten")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

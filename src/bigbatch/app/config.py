@@ -255,11 +255,26 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The model trained: the built-in byte-level GPT's shape, dtype and memory options."""
+    """The model trained and what it learns: the built-in GPT, a Hugging Face folder or your own."""
 
-    n_layer: int = option("transformer blocks", 4)
-    n_head: int = option("attention heads", 4)
-    d_model: int = option("model width", 128)
+    model: str | None = option(
+        "the model: the built-in byte-level GPT (default), a Hugging Face model folder (config, "
+        "safetensors weights, tokenizer; loaded offline), or MODULE:FUNCTION / file.py:FUNCTION "
+        "returning (model, batch, loss_fn)", None)
+    task: str = option(
+        "what it learns: next-token prediction (causal-lm), sequence classification from "
+        "text/label records (classify), or embeddings from query/document pairs with in-batch "
+        "negatives (contrastive)", "causal-lm", choices=("causal-lm", "classify", "contrastive"))
+    lora: int | None = option("train LoRA adapters of this rank instead of every weight (peft)",
+                              None)
+    lora_alpha: float | None = option("LoRA scaling alpha (default: 2 × rank)", None)
+    lora_targets: str | None = option(
+        "comma-separated module names to adapt, e.g. q_proj,v_proj (default: peft's choice for "
+        "the architecture)", None)
+    lora_dropout: float = option("dropout on the LoRA path", 0.0)
+    n_layer: int = option("transformer blocks (built-in GPT)", 4)
+    n_head: int = option("attention heads (built-in GPT)", 4)
+    d_model: int = option("model width (built-in GPT)", 128)
     dtype: str = option("parameter dtype (float64 for exactness checks)", "float32",
                         choices=("float32", "float64", "bfloat16"))
     checkpoint_activations: bool = option(
@@ -272,10 +287,37 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self)
-        _positive(self, "n_layer", "n_head", "d_model")
+        _positive(self, "n_layer", "n_head", "d_model", "lora")
+        if self.lora_alpha is not None and not (self.lora_alpha > 0 and math.isfinite(
+                self.lora_alpha)):
+            raise ConfigError(f"--lora-alpha must be a positive number, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora is None and (self.lora_alpha is not None or self.lora_targets or
+                                  self.lora_dropout):
+            raise ConfigError("--lora-alpha, --lora-targets and --lora-dropout shape LoRA "
+                              "adapters; give --lora RANK too")
+        if self.builtin:
+            if self.lora is not None:
+                raise ConfigError("--lora adapts a Hugging Face model; give --model PATH (the "
+                                  "built-in GPT trains all its weights)")
+            if self.task != "causal-lm":
+                raise ConfigError(f"--task {self.task} needs an encoder: give --model PATH (a "
+                                  "Hugging Face folder); the built-in GPT does causal-lm")
+        else:
+            shape = [flag(n) for n, d in (("n_layer", 4), ("n_head", 4), ("d_model", 128))
+                     if getattr(self, n) != d]
+            if shape:
+                raise ConfigError(f"{', '.join(shape)} shape the built-in GPT; --model "
+                                  f"{self.model} has its own shape, drop them")
         if self.d_model % self.n_head:
             raise ConfigError(f"--d-model {self.d_model} is not divisible by --n-head "
                               f"{self.n_head}; pick a width that is a multiple of the head count")
+
+    @property
+    def builtin(self) -> bool:
+        """The built-in byte-level GPT (no --model)."""
+        return self.model in (None, "gpt")
 
 
 @dataclass(frozen=True)
@@ -283,8 +325,16 @@ class DataConfig:
     """What the model learns from, and how it is evaluated."""
 
     data: str | None = option(
-        "text file, folder of text files, or .jsonl with a 'text' field (default: the Python "
-        "standard library's source)", None)
+        "what to learn from: a text file, a folder of text files, or JSONL records (a file or a "
+        "folder of them) with text, prompt/completion or messages fields (classify: text/label; "
+        "contrastive: query/document); default: the Python standard library's source", None)
+    eval_data: str | None = option(
+        "validation data in the same form (default: about 5%% of --data, chosen by a hash of each "
+        "record's file and line)", None)
+    on_bad_sample: str = option(
+        "a record with missing fields, an empty response or more than --seq-len tokens is left "
+        "out and counted (skip), or stops the run before it starts, naming the line (stop)",
+        "skip", choices=("skip", "stop"))
     seq_len: int = option("tokens (bytes) per sample", 128)
     eval_every: int = option("evaluate on the validation set every N steps (0: only at the end)",
                              100)
@@ -367,6 +417,12 @@ class TrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
+        if self.model.task != "causal-lm" and self.batch.micro_tokens is not None:
+            raise ConfigError(f"--micro-tokens packs sequences of next-token prediction; --task "
+                              f"{self.model.task} cuts by --micro-batch")
+        if self.model.task == "contrastive" and self.checkpoint.save_every_micro:
+            raise ConfigError("--save-every-micro: a contrastive step embeds the whole cycle at "
+                              "once, so it has no checkpoint mid-cycle; use --save-every")
         tokens, seq = self.batch.micro_tokens, self.data.seq_len
         if tokens is not None and tokens < seq:
             raise ConfigError(f"--micro-tokens {tokens} is less than --seq-len {seq}, so a "

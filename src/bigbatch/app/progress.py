@@ -37,16 +37,18 @@ class Progress:
     Args:
         total: optimizer steps in the run.
         stream: where to write (default ``sys.stderr``).
+        unit: what the loss counts, per second (``tok``, ``samples``, ``pairs``).
         every: plain-line period in steps (ignored on a terminal).
         start: steps already done (a resumed run).
     """
 
     def __init__(self, total: int, stream: TextIO | None = None, every: int | None = None,
-                 start: int = 0) -> None:
+                 start: int = 0, unit: str = "tok") -> None:
         self.total = total
         self.stream = stream if stream is not None else sys.stderr
         self.every = every or max(1, total // 20)
         self.start_step = start
+        self.unit = unit  # what the loss counts: tokens, samples, pairs
         self._t0 = time.perf_counter()
         self._bar: tqdm | None = None
         if _terminal_width(self.stream) > 0:
@@ -58,8 +60,8 @@ class Progress:
         """Report that optimizer step ``step`` (1-based) finished."""
         if self._bar is not None:
             self._bar.set_postfix_str(
-                f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | lr {lr:.2e}{note}", refresh=False
-            )
+                f"loss {loss:.4f} | {tokens_per_s:,.0f} {self.unit}/s | lr {lr:.2e}{note}",
+                refresh=False)
             self._bar.update(step - self._bar.n)
             return
         if step % self.every and step != self.total:
@@ -68,7 +70,7 @@ class Progress:
         done = step - self.start_step
         eta = elapsed / done * (self.total - step) if done > 0 else 0.0
         self.stream.write(
-            f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
+            f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} {self.unit}/s  "
             f"lr {lr:.2e}  eta {_duration(eta)}{note}\n"
         )
         self.stream.flush()

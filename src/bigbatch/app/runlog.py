@@ -16,12 +16,24 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no NaN; null marks "not computed"
 
 
+def _tensorboard_without_tensorflow() -> None:
+    """Event files need no TensorFlow, but TensorBoard imports it whenever it is installed
+    (seconds, and its logging) unless ``tensorboard.compat.notf`` exists — TensorBoard's own switch
+    to its TensorFlow stub. Set that switch, unless TensorFlow is already loaded."""
+    import sys
+    import types
+
+    if "tensorflow" not in sys.modules:
+        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("notf"))
+
+
 class RunLog:
     """Appends one JSON line per optimizer step and per evaluation to ``metrics.jsonl``.
 
     Train lines: ``{"kind": "train", "step", "loss", "items", "grad_norm", "lr", "tokens_per_s",
     "seconds", "skipped", "skip_reason", "micro_batches"}``. Eval lines: ``{"kind": "eval",
-    "step", "val_loss", "val_items"}``. With the ``tensorboard`` extra installed the same scalars go
+    "step", "val_loss", "val_items"}`` and the task's metrics (``accuracy``; ``recall_at_1``,
+    ``mrr``). With the ``tensorboard`` extra installed the same scalars go
     to TensorBoard event files in ``tb/``.
     """
 
@@ -31,6 +43,7 @@ class RunLog:
         self._tb: Any = None
         if tensorboard:
             try:
+                _tensorboard_without_tensorflow()
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # the extra is not installed: metrics.jsonl only
                 pass
@@ -63,11 +76,15 @@ class RunLog:
                 if math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
 
-    def eval(self, step: int, val_loss: float, val_items: int) -> None:
-        self._write({"kind": "eval", "step": step, "val_loss": _finite(val_loss),
-                     "val_items": val_items})
-        if self._tb is not None and math.isfinite(val_loss):
-            self._tb.add_scalar("val/loss", val_loss, step)
+    def eval(self, step: int, metrics: dict[str, float]) -> None:
+        """One eval line: ``val_loss``, ``val_items`` and the task's metrics (accuracy, …)."""
+        record = {k: v if isinstance(v, int) else _finite(v) for k, v in metrics.items()}
+        self._write({"kind": "eval", "step": step, **record})
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if key != "val_items" and math.isfinite(value):
+                    self._tb.add_scalar("val/loss" if key == "val_loss" else f"val/{key}",
+                                        value, step)
 
     def close(self) -> None:
         self._file.close()

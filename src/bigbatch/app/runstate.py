@@ -93,8 +93,14 @@ def _optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                                     options=StateDictOptions(full_state_dict=True))
 
 
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of the parameters that train (LoRA: the adapters only)."""
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
 def capture(position: Position, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, acc: Accumulator, *, fsdp: bool = False) -> dict[str, Any]:
+            scheduler: Any, acc: Accumulator, *, fsdp: bool = False,
+            trainable_only: bool = False) -> dict[str, Any]:
     """The state tree of a checkpoint (tensors are referenced, the writer copies them).
 
     With ``fsdp`` the model and optimizer states are gathered to full tensors: every rank must
@@ -105,7 +111,7 @@ def capture(position: Position, model: torch.nn.Module, optimizer: torch.optim.O
         "step": position.step,
         "micro": position.micro,
         "metrics_bytes": position.metrics_bytes,
-        "model": model_state(model, fsdp=fsdp),
+        "model": _only(model_state(model, fsdp=fsdp), model, trainable_only),
         "optimizer": _optimizer_state(model, optimizer, fsdp),
         "scheduler": scheduler.state_dict(),
         "accumulator": acc.state_dict(),
@@ -113,8 +119,17 @@ def capture(position: Position, model: torch.nn.Module, optimizer: torch.optim.O
     }
 
 
+def _only(weights: dict[str, torch.Tensor], model: torch.nn.Module,
+          trainable_only: bool) -> dict[str, torch.Tensor]:
+    if not trainable_only:
+        return weights
+    keep = trainable_names(model)
+    return {k: v for k, v in weights.items() if k in keep}
+
+
 def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, acc: Accumulator, *, fsdp: bool = False) -> Position:
+            scheduler: Any, acc: Accumulator, *, fsdp: bool = False,
+            trainable_only: bool = False) -> Position:
     """Load a checkpoint's state tree into freshly built objects; returns the data position.
 
     Raises:
@@ -129,11 +144,12 @@ def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.opti
         if fsdp:  # full tensors in the file; each rank keeps its shard
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-            set_state_dict(model, optimizer, model_state_dict=state["model"],
+            set_state_dict(model, optimizer, model_state_dict=_full(state["model"], model,
+                                                                    trainable_only),
                            optim_state_dict=state["optimizer"],
                            options=StateDictOptions(full_state_dict=True))
         else:
-            model.load_state_dict(state["model"])
+            model.load_state_dict(_full(state["model"], model, trainable_only))
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         acc.load_state_dict(state["accumulator"])
@@ -143,6 +159,19 @@ def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.opti
         what = " ".join(str(err).split())[:300]
         raise CheckpointError(f"the checkpoint does not fit this run ({type(err).__name__}: "
                               f"{what}); was config.yaml edited after it was written?") from None
+
+
+def _full(saved: dict[str, torch.Tensor], model: torch.nn.Module,
+          trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The state to load: with ``trainable_only`` the saved (trainable) tensors over the model's
+    own frozen ones, after checking the checkpoint holds exactly the trainable ones."""
+    if not trainable_only:
+        return saved
+    want = trainable_names(model)
+    if set(saved) != want:
+        raise ValueError(f"the checkpoint holds {len(saved)} trained tensors, this model trains "
+                         f"{len(want)} (another --lora rank or targets?)")
+    return {**model.state_dict(), **saved}
 
 
 class StopSignals:

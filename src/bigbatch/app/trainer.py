@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import torch
-from safetensors.torch import save_model
 
 from ..engine import Accumulator, NonFiniteError, StepStats
 from ..memory import OutOfMemory
@@ -32,6 +31,7 @@ from ..noise import NoiseScaleEMA
 from ..packing import pad_micro_batches
 from ..plan import BatchPlan
 from ..schedule import AccumSchedule, lr_factor, parse_accum_schedule
+from .artifacts import final_model, sample_completions, save_final, write_samples
 from .checkpointer import Checkpointer
 from .config import ConfigError, TrainConfig
 from .data import TokenWindows, global_batches, packed_micro_batches, take_samples
@@ -43,12 +43,9 @@ from .runlog import RunLog, last_train_loss, plot_losses
 from .runstate import StopSignals, model_state
 from .workload import (
     Workload,
-    build_model,
     build_workload,
     choose_micro_batch,
     evaluate,
-    lm_loss,
-    load_data,
     make_optimizer,
     make_scheduler,
 )
@@ -66,6 +63,7 @@ class TrainResult:
     final_train_loss: float
     final_val_loss: float
     seconds: float
+    final_metrics: str = ""  # the validation metrics, as the log shows them
 
 
 class RunStopped(Exception):
@@ -153,8 +151,8 @@ class Trainer:
     def _setup_workload(self) -> None:
         config = self.config
         self.work: Workload = self.ranks.together("loading the data", self.comm, lambda: (
-            build_workload(config.replace(device=self.device_name),
-                           self.data if self.data is not None else load_data(config))))
+            build_workload(config.replace(device=self.device_name), self.data)))
+        self.notes += self.work.notes
         if config.batch.auto_micro_batch:
             self.config, lines = choose_micro_batch(config, self.work, self.ranks, self.comm)
             self.notes += lines
@@ -162,7 +160,7 @@ class Trainer:
 
     def _setup_engine(self) -> None:
         config, work = self.config, self.work
-        net = wrap_model(work.model, config.runtime.parallel, self.ranks, list(work.model.blocks))
+        net = wrap_model(work.model, config.runtime.parallel, self.ranks, work.blocks)
         self.opt = make_optimizer(work.model, config)
         self.sched = make_scheduler(self.opt, config)
         self.acc = Accumulator(
@@ -183,7 +181,8 @@ class Trainer:
             self.out, ranks=self.ranks, comm=self.comm, model=work.model, optimizer=self.opt,
             scheduler=self.sched, acc=self.acc,
             extras={"noise": self.noise, "schedule": self.schedule},
-            keep=config.checkpoint.keep, fsdp=self.fsdp)
+            keep=config.checkpoint.keep, fsdp=self.fsdp,
+            trainable_only=bool(work.hf is not None and work.hf.lora))
 
     def _setup_run(self) -> None:
         """Resume from the newest checkpoint, or start the run folder."""
@@ -197,7 +196,9 @@ class Trainer:
                                            micro_batch=self.plan.micro_batch, accum_steps=None)
             start_run_folder(self.out, resolved, {
                 "device": str(self.work.device), "world_size": self.plan.world_size,
-                "accum_steps": self.plan.accum_steps, "train_samples": len(self.work.train),
+                "accum_steps": self.plan.accum_steps, "model": self.work.kind,
+                "task": self.work.task.name, "labels": self.work.labels,
+                "train_samples": len(self.work.train),
                 "val_samples": len(self.work.val),
                 "parameters": num_parameters(self.work.model)})
 
@@ -205,7 +206,8 @@ class Trainer:
         config, plan = self.config, self.plan
         self.log = RunLog(self.out, purge_step=self.step + 1 if self.resume else None
                           ) if self.main else None
-        self.progress = Progress(config.optim.steps, self.stream, start=self.step)
+        self.progress = Progress(config.optim.steps, self.stream, start=self.step,
+                                 unit=self.work.task.unit)
         for note in self.notes:
             self.progress.write(note)
         if config.runtime.on_oom != "stop" and not self.acc.oom_split:
@@ -216,7 +218,7 @@ class Trainer:
         tokens = config.batch.micro_tokens
         cut = (f"packed by length into micro-batches of at most {tokens:,} tokens" if tokens else
                f"{plan.accum_steps} micro-batches of {plan.micro_batch} × {config.data.seq_len} "
-               "bytes")
+               + ("bytes" if self.work.kind == "gpt" else "tokens"))
         self.progress.write(
             f"training {num_parameters(self.work.model):,} parameters on {self.work.device}"
             f"{where}: {config.optim.steps} steps of global batch {plan.global_batch} = {cut}")
@@ -233,9 +235,12 @@ class Trainer:
         with StopSignals() as signals:
             while self.step < config.optim.steps:
                 plan, micro_batches = self._micro_batches()
-                self._accumulate(micro_batches, signals)
                 try:
-                    stats = self.acc.finish()
+                    if self.work.task.whole_cycle:  # contrastive: the loss spans the cycle
+                        stats = self.work.task.step(self.acc, micro_batches)
+                    else:
+                        self._accumulate(micro_batches, signals)
+                        stats = self.acc.finish()
                 except NonFiniteError as e:
                     path = self.checkpoints.save(self.step, 0)
                     raise RunStopped(f"stopped: {e}. The last good state is in {path}", 1) from e
@@ -278,7 +283,7 @@ class Trainer:
                        else self.schedule.samples // self.schedule.micro_samples)
         for i in range(self.first_micro, k):
             try:
-                self.acc.accumulate(micro_batches[i], lm_loss, last=i == k - 1)
+                self.acc.accumulate(micro_batches[i], self.work.loss, last=i == k - 1)
             except OutOfMemory as e:
                 self.acc.discard()
                 if self.ranks.world_size > 1:
@@ -313,7 +318,7 @@ class Trainer:
                 "oom_splits": stats.oom_splits, "max_rows": stats.max_rows})
         note = f" | skipped: {stats.skip_reason}" if stats.skipped else ""
         if math.isfinite(b_noise):
-            note += f" | B_noise {b_noise:,.0f} tok"
+            note += f" | B_noise {b_noise:,.0f} {self.work.task.unit}"
         if self.schedule is not None or config.batch.micro_tokens:
             note += f" | K {k}"
         self.progress.update(step, stats.loss, tokens_per_s, stats.lr, note)
@@ -322,13 +327,13 @@ class Trainer:
             self._evaluate()
 
     def _evaluate(self) -> None:
-        self.val_loss, items = evaluate(self.work, self.config.data.eval_samples,
-                                        self.acc.max_rows or self.plan.micro_batch,
-                                        self.acc.precision.autocast)
+        self.metrics = evaluate(self.work, self.config.data.eval_samples,
+                                self.acc.max_rows or self.plan.micro_batch,
+                                self.acc.precision.autocast)
+        self.val_loss = self.metrics["val_loss"]
         if self.log is not None:
-            self.log.eval(self.step, self.val_loss, items)
-        self.progress.write(f"step {self.step}: validation loss {self.val_loss:.4f} "
-                            f"(uniform {math.log(256):.2f})")
+            self.log.eval(self.step, self.metrics)
+        self.progress.write(f"step {self.step}: validation {describe(self.metrics, self.work)}")
 
     def _between_steps(self, signals: StopSignals) -> None:
         """Stop on a signal (all ranks together), or save when due."""
@@ -355,18 +360,22 @@ class Trainer:
     def _finish(self, seconds: float) -> TrainResult:
         config, plan, main = self.config, self.plan, self.main
         if math.isnan(self.val_loss):  # resumed after the last step: report the weights anyway
-            self.val_loss, _ = evaluate(self.work, config.data.eval_samples,
-                                        self.acc.max_rows or plan.micro_batch,
-                                        self.acc.precision.autocast)
-        final = self.work.model
-        if self.fsdp:  # gather the shards (all ranks take part) into a plain copy on rank 0
-            weights = model_state(self.work.model, fsdp=True)
-            final = build_model(config.replace(device="cpu"), torch.device("cpu"))
-            if main:
-                final.load_state_dict(weights)
+            self.metrics = evaluate(self.work, config.data.eval_samples,
+                                    self.acc.max_rows or plan.micro_batch,
+                                    self.acc.precision.autocast)
+            self.val_loss = self.metrics["val_loss"]
+        weights = model_state(self.work.model, fsdp=True) if self.fsdp else None  # all ranks
         metrics = self.out / "metrics.jsonl"
         if main:
-            save_model(final, str(self.out / "model.safetensors"))
+            final = final_model(self.work, config, weights)
+            saved = save_final(self.work, final, self.out)
+            self.progress.write(f"trained model: {saved}")
+            samples = sample_completions(self.work, final, config.runtime.seed)
+            if samples:
+                write_samples(self.out / "samples.md", samples)
+                for prompt, completion in samples[:2]:
+                    self.progress.write(f"sample: {_short(prompt)!r} → {_short(completion)!r}")
+                self.progress.write(f"sampled completions: {self.out / 'samples.md'}")
             ranks = f" × {self.ranks.world_size} ranks" if self.ranks.world_size > 1 else ""
             plot_losses(metrics, self.out / "loss.png",
                         title=f"bigbatch train: global batch {plan.global_batch} = "
@@ -374,7 +383,23 @@ class Trainer:
         self.ranks.agree(True, self.comm)  # rank 0 wrote the run's files before anyone returns
         return TrainResult(out=self.out, steps=config.optim.steps, main=main,
                            final_train_loss=last_train_loss(metrics) if main else math.nan,
-                           final_val_loss=self.val_loss, seconds=seconds)
+                           final_val_loss=self.val_loss, seconds=seconds,
+                           final_metrics=describe(self.metrics, self.work))
+
+
+def _short(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else "…" + text[-width:]
+
+
+def describe(metrics: dict[str, float], work: Workload) -> str:
+    """``loss 1.8886 (uniform 5.55), accuracy 0.91`` for the log."""
+    parts = [f"loss {metrics['val_loss']:.4f}"]
+    if work.task.name == "causal-lm" and work.tokenizer is not None:
+        parts[0] += f" (uniform {math.log(work.tokenizer.vocab_size):.2f})"
+    parts += [f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items()
+              if k not in ("val_loss", "val_items")]
+    return ", ".join(parts)
 
 
 def _oom_note(stats: StepStats, before: int | None, step: int) -> str:

@@ -20,6 +20,7 @@ from ...errors import BigBatchError
 __all__ = [
     "DataError",
     "Document",
+    "jsonl_records",
     "load_documents",
     "split_definitions",
     "split_documents",
@@ -92,14 +93,18 @@ def _read_bytes(path: Path) -> bytes:
         ) from exc
 
 
-def _jsonl_documents(path: Path, name: str) -> list[Document]:
-    docs: list[Document] = []
-    raw = _read_bytes(path)
-    for lineno, line in enumerate(raw.splitlines(), start=1):
+def jsonl_records(path: Path, name: str) -> list[tuple[str, object]]:
+    """The JSON value of every non-blank line of a ``.jsonl`` file, named ``name:LINENO``.
+
+    Raises:
+        DataError: the file cannot be read, or a line is not valid JSON (its number said).
+    """
+    out: list[tuple[str, object]] = []
+    for lineno, line in enumerate(_read_bytes(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            out.append((f"{name}:{lineno}", json.loads(line)))
         except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for non-UTF-8 bytes
             # JSONDecodeError's own text says "line 1"; only its column means anything here.
             reason = (
@@ -111,15 +116,22 @@ def _jsonl_documents(path: Path, name: str) -> list[Document]:
                 f"{path}: line {lineno} is not valid JSON ({reason}); "
                 f'write one JSON object per line, like {{"text": "..."}}'
             ) from exc
+    return out
+
+
+def _jsonl_documents(path: Path, name: str) -> list[Document]:
+    docs: list[Document] = []
+    for where, record in jsonl_records(path, name):
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
+            lineno = where.rsplit(":", 1)[1]
             raise DataError(
                 f"{path}: line {lineno} has no 'text' string field; "
                 f'give every line a "text" field holding a string'
             )
-        # JSON may escape lone surrogates ("\\ud800"), which UTF-8 cannot encode; one bad character
-        # should not cost the whole corpus, so it becomes "?".
-        docs.append((f"{name}:{lineno}", text.encode("utf-8", errors="replace")))
+        # JSON may escape lone surrogates ("\\ud800"), which UTF-8 cannot encode; one bad
+        # character should not cost the whole corpus, so it becomes "?".
+        docs.append((where, text.encode("utf-8", errors="replace")))
     return docs
 
 

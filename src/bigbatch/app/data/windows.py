@@ -19,7 +19,7 @@ __all__ = ["TokenWindows", "vary_lengths"]
 
 
 class TokenWindows:
-    """Fixed-length next-byte samples cut from documents.
+    """Fixed-length next-token samples cut from documents (bytes, or token ids as 1-D tensors).
 
     Each document is cut into consecutive, non-overlapping chunks of ``seq_len + 1`` bytes; a
     document's last, shorter chunk is kept when it has at least 2 bytes and is padded. A chunk
@@ -27,7 +27,7 @@ class TokenWindows:
     positions hold input 0 and label ``-100`` (ignored by the loss). So samples carry different
     numbers of real tokens, which is why losses are normalized by token count.
 
-    All bytes live in one flat ``uint8`` tensor, with each chunk's start and length alongside.
+    All bytes (or ids) live in one flat tensor, with each chunk's start and length alongside.
 
     Args:
         docs: documents as returned by :func:`load_documents` / :func:`split_documents`.
@@ -44,13 +44,17 @@ class TokenWindows:
         chunk = seq_len + 1
         lengths = torch.tensor([len(data) for _, data in docs], dtype=torch.int64)
         self.num_documents = len(lengths)
-        # bytearray: torch.frombuffer warns on read-only buffers such as bytes.
-        buffer = bytearray(b"".join(data for _, data in docs))
-        self._data = (
-            torch.frombuffer(buffer, dtype=torch.uint8)
-            if buffer
-            else torch.empty(0, dtype=torch.uint8)
-        )
+        if any(isinstance(data, torch.Tensor) for _, data in docs):  # token ids, not bytes
+            self._data = torch.cat([torch.as_tensor(data, dtype=torch.int32).reshape(-1)
+                                    for _, data in docs]) if docs else torch.empty(0)
+        else:
+            # bytearray: torch.frombuffer warns on read-only buffers such as bytes.
+            buffer = bytearray(b"".join(data for _, data in docs))
+            self._data = (
+                torch.frombuffer(buffer, dtype=torch.uint8)
+                if buffer
+                else torch.empty(0, dtype=torch.uint8)
+            )
         doc_starts = torch.cumsum(lengths, 0) - lengths
         per_doc = (lengths + chunk - 1) // chunk
         doc_of_chunk = torch.repeat_interleave(torch.arange(len(lengths)), per_doc)
