@@ -83,6 +83,9 @@ def load_samples(data: str | None, eval_data: str | None, *, task: str, tok: Tok
         else:
             train_records, val_records = _split_named(records)
         labels = class_labels(train_records) if task == "classify" else {}
+        if task == "classify" and not labels:
+            raise DataError("--task classify: the training records have no 'text' string and "
+                            "'label' (int or string); see docs/task-classify.md")
         if task == "classify" and len(labels) < 2:
             raise DataError(f"--task classify needs at least 2 labels in the training records, "
                             f"found {len(labels)}")

@@ -89,6 +89,11 @@ def load_hf_tokenizer(path: str) -> HFTokenizer:
         raise ConfigError(f"--model {path}: no usable tokenizer in the folder ({_line(err)}); save "
                           "the tokenizer beside the model (tokenizer.save_pretrained(folder))"
                           ) from None
+    if len(tok) < 2 or not tok("a tokenizer probe")["input_ids"]:
+        # transformers 5 builds an empty tokenizer from config.json alone instead of failing
+        raise ConfigError(f"--model {path}: no usable tokenizer in the folder (it has no "
+                          "vocabulary); save the tokenizer beside the model "
+                          "(tokenizer.save_pretrained(folder))")
     return HFTokenizer(tok)
 
 
