@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,9 +57,13 @@ def assert_bitwise_equal(a: Path, b: Path) -> None:
     assert train_losses(a) == train_losses(b)
 
 
-def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path: Path,
-                                                                  text: Path) -> None:
-    args = ["--data", str(text), "--steps", "24", "--save-every-micro", "1", "--keep", "2",
+def test_the_same_command_after_sigkills_from_process_start_is_bitwise_exact(
+        tmp_path: Path, text: Path) -> None:
+    """20 SIGKILLs at random moments from process start — some before the first checkpoint,
+    some while one is written — each followed by the SAME command line (``--resume auto``): the
+    run ends with the weights and losses of the run that was never interrupted, bit for bit, and
+    some of the restarts provably continue a cycle from a mid-cycle checkpoint."""
+    args = ["--data", str(text), "--steps", "24", "--save-every-micro", "3", "--keep", "2",
             "--accum-schedule", "0:2,8:4,16:6", "--lr-scaling", "linear", *TINY]
     ref = tmp_path / "ref"
     t0 = time.perf_counter()
@@ -67,42 +72,112 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path: Path,
     assert done.returncode == 0, done.stderr
 
     out = tmp_path / "killed"
-    rng = random.Random(20261122)
-    kills, runs, start_over = 0, 0, True
-    while kills < 10:
-        # A run that got to its end before its kill is checked and the next one starts afresh
-        # (resuming a finished run ends at once, so it could never be killed again).
-        fresh = start_over or not list_checkpoints(out / "checkpoints")
-        cmd = command(*args, "--out", str(out), "--overwrite") if fresh else command(
-            "--resume", str(out))
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    same = command(*args, "--out", str(out), "--resume", "auto")
+    rng = random.Random(20261202)
+    kills, runs, resumed_from = 0, 0, []
+    while True:
+        proc = subprocess.Popen(same, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
         began = time.perf_counter()
-        try:
-            proc.wait(timeout=rng.uniform(0.2 * total, 1.1 * total))
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
+        killed = False
+        if kills < 20:
+            try:
+                proc.wait(timeout=rng.uniform(0.05, 1.0) * total)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                kills, killed = kills + 1, True
         _, err = proc.communicate()
-        assert proc.returncode in (0, -signal.SIGKILL), err
-        start_over = proc.returncode == 0
-        if start_over:  # a whole run took this long: kill sooner (the reference may have been
-            total = min(total, time.perf_counter() - began)  # slowed by a busy machine)
+        resumed_from += [line for line in err.splitlines() if line.startswith("resuming from")]
         runs += 1
-        assert runs < 200, f"only {kills} kills in {runs} runs"
-        if start_over:
-            assert_bitwise_equal(out, ref)
-        if (out / "model.safetensors").exists() and not list_checkpoints(out / "checkpoints"):
-            pytest.fail("a finished run without checkpoints")
-    if not start_over:
-        final = subprocess.run(command("--resume", str(out)), capture_output=True, text=True)
-        assert final.returncode == 0, final.stderr
-        assert_bitwise_equal(out, ref)
+        if not killed:
+            assert proc.returncode == 0, err
+            break
+        assert proc.returncode == -signal.SIGKILL, err
+        total = max(total, time.perf_counter() - began)
+        assert runs < 200
+    assert_bitwise_equal(out, ref)
+    mid = [r for r in resumed_from if not r.endswith("micro-batch 0")]
+    assert mid, resumed_from  # restarts that continued a cycle, not just whole steps
+    # the finished run is refused by the same command, in one line, with what to do
+    again = subprocess.run(same, capture_output=True, text=True)
+    assert again.returncode == 2 and "holds this run, finished (24 steps)" in again.stderr
 
 
+def test_resume_before_the_first_checkpoint_starts_the_recorded_run(tmp_path: Path,
+                                                                    text: Path) -> None:
+    """A run stopped after writing its config but before any checkpoint resumes from step 0 with
+    its recorded configuration and seed, bitwise the run that was never stopped."""
+    args = ["--data", str(text), "--steps", "3", "--seed", "7", *TINY]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert subprocess.run(command(*args, "--out", str(ref)), capture_output=True).returncode == 0
+    assert subprocess.run(command(*args, "--out", str(out)), capture_output=True).returncode == 0
+    shutil.rmtree(out / "checkpoints")  # as if killed before the first one
+    (out / "model.safetensors").unlink()
+    (out / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')  # half a line's worth
+    r = subprocess.run(command("--resume", str(out)), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "no checkpoint yet" in r.stderr and "starting the run from step 0" in r.stderr
+    assert_bitwise_equal(out, ref)
+
+
+def test_one_writer_per_run_folder(tmp_path: Path, text: Path) -> None:
+    """A second process on a run folder in use is refused at start, with the writer's pid; a
+    SIGKILLed writer leaves no lock behind."""
+    args = ["--data", str(text), "--steps", "400", "--save-every", "1", *TINY]
+    out = tmp_path / "run"
+    first = subprocess.Popen(command(*args, "--out", str(out), "--resume", "auto"),
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(out / "checkpoints"):
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.05)
+    for second in (command(*args, "--out", str(out), "--resume", "auto"),
+                   command("--resume", str(out))):
+        r = subprocess.run(second, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip() == (f"bigbatch: error: {out} is being written by process "
+                                    f"{first.pid} (another bigbatch train); wait for it to end "
+                                    "or stop it, then run this again")
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    resumed = subprocess.Popen(command("--resume", str(out)), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    before = len(list_checkpoints(out / "checkpoints"))
+    while resumed.poll() is None and len(list_checkpoints(out / "checkpoints")) <= before:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    resumed.send_signal(signal.SIGTERM)
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 128 + signal.SIGTERM, err
+    assert "resuming from" in err
+
+
+def test_resume_auto_refuses_another_run_in_one_line(tmp_path: Path, text: Path) -> None:
+    out = tmp_path / "run"
+    args = ["--data", str(text), "--steps", "2", *TINY, "--out", str(out)]
+    assert subprocess.run(command(*args), capture_output=True).returncode == 0
+    r = subprocess.run(command(*args, "--lr", "1e-4", "--resume", "auto"), capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "holds another run: --lr 0.0001 (the run has 0.003)" in r.stderr
+    r = subprocess.run(command("--data", str(text), "--resume", "auto"), capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "give --out DIR" in r.stderr
+    mine = tmp_path / "mine"  # a folder of the user's own files, no run in it: left untouched
+    (mine / "model").mkdir(parents=True)
+    (mine / "model" / "weights.bin").write_bytes(b"precious")
+    r = subprocess.run(command("--data", str(text), "--out", str(mine), "--resume", "auto"),
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "is not empty" in r.stderr, r.stderr
+    assert (mine / "model" / "weights.bin").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("times", [1, 2])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_with_checkpoint_and_resume_line(tmp_path: Path, text: Path,
-                                                      sig: signal.Signals) -> None:
+                                                      sig: signal.Signals, times: int) -> None:
+    """One signal, or the same one twice at once (a scheduler signalling every process of the
+    job): either way the run stops with a checkpoint and says how to resume."""
     args = ["--data", str(text), "--steps", "400", *TINY]
     out = tmp_path / "run"
     proc = subprocess.Popen(command(*args, "--out", str(out)), stdout=subprocess.PIPE,
@@ -111,7 +186,8 @@ def test_signal_stops_with_checkpoint_and_resume_line(tmp_path: Path, text: Path
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").stat().st_size:
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
-    proc.send_signal(sig)
+    for _ in range(times):
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err
     last = err.strip().splitlines()[-1]
@@ -237,8 +313,8 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path: Path, text: Pat
     trainer.train(_config(text, out, steps=2), stream=open("/dev/null", "w"))
     cfg = out / "config.yaml"
     cfg.write_text(cfg.read_text().replace("d_model: 32", "d_model: 64"))
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     r = subprocess.run(command("--resume", str(out)), capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "does not fit this run" in r.stderr and "config.yaml edited" in r.stderr
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before

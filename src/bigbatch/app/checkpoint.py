@@ -139,7 +139,8 @@ def _unflatten(node: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
                           "the state was not written by bigbatch or is damaged")
 
 
-def save_checkpoint(root: Path, name: str, state: Any, *, keep: int | None = None) -> Path:
+def save_checkpoint(root: Path, name: str, state: Any, *, keep: int | None = None,
+                    protect: str | None = None) -> Path:
     """Write ``root/name/`` atomically; then, with ``keep``, prune old and stale directories.
 
     Args:
@@ -148,6 +149,8 @@ def save_checkpoint(root: Path, name: str, state: Any, *, keep: int | None = Non
         state: the structure to save (see :func:`flatten_state`).
         keep: keep the newest ``keep`` checkpoints by name (and always the new one) and remove
             ``.tmp-*`` directories of dead writers; None keeps everything.
+        protect: the name of one more checkpoint that pruning keeps (e.g. the newest one taken
+            between optimizer steps, which any world size can resume from).
 
     Returns:
         The path of the new checkpoint.
@@ -198,7 +201,7 @@ def save_checkpoint(root: Path, name: str, state: Any, *, keep: int | None = Non
         _ACTIVE_TEMPS.discard(tmp.name)
     _fsync(root)  # makes the rename itself durable
     if keep is not None:
-        _prune(root, keep, final)
+        _prune(root, keep, final, protect)
     return final
 
 
@@ -225,8 +228,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _prune(root: Path, keep: int, just_written: Path) -> None:
-    doomed = [p for p in list_checkpoints(root)[:-keep] if p != just_written]
+def _prune(root: Path, keep: int, just_written: Path, protect: str | None = None) -> None:
+    doomed = [p for p in list_checkpoints(root)[:-keep]
+              if p != just_written and p.name != protect]
     try:
         for path in doomed:
             # Renamed to a temp name first, so a kill mid-delete leaves a stale .tmp-* (removed
@@ -337,7 +341,9 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for p in _subdirs(root) if (p / MANIFEST).is_file()]
 
 
-def load_latest(root: Path) -> tuple[Path, Any, list[tuple[Path, str]]] | None:
+def load_latest(root: Path, usable: Callable[[Any], str | None] | None = None,
+                skipped: list[tuple[Path, str]] | None = None,
+                ) -> tuple[Path, Any, list[tuple[Path, str]]] | None:
     """Load the newest checkpoint that verifies, reporting every newer one that did not.
 
     A non-hidden directory holding any checkpoint file counts, so one that lost its manifest is
@@ -345,6 +351,9 @@ def load_latest(root: Path) -> tuple[Path, Any, list[tuple[Path, str]]] | None:
 
     Args:
         root: the checkpoint directory.
+        usable: given a loaded state, why this run cannot use it (None: it can); such a
+            checkpoint is passed over for an older one — it is sound, so not rejected.
+        skipped: receives ``(path, reason)`` of each checkpoint ``usable`` passed over.
 
     Returns:
         ``(path, state, rejected)``, where ``rejected`` holds ``(path, reason)`` for each newer
@@ -358,9 +367,15 @@ def load_latest(root: Path) -> tuple[Path, Any, list[tuple[Path, str]]] | None:
     rejected: list[tuple[Path, str]] = []
     for path in reversed(candidates):
         try:
-            return path, load_checkpoint(path), rejected
+            state = load_checkpoint(path)
         except CheckpointError as err:
             rejected.append((path, str(err).removeprefix(f"checkpoint {path}: ")))
+            continue
+        why = usable(state) if usable is not None else None
+        if why is None:
+            return path, state, rejected
+        if skipped is not None:
+            skipped.append((path, why))
     if not rejected:
         return None
     first, why = rejected[0]

@@ -19,7 +19,7 @@ from ..engine import Accumulator
 from .checkpoint import CheckpointError, load_latest, save_checkpoint, set_aside
 from .launch import Ranks
 from .runfolder import rewind_metrics
-from .runstate import Position, capture, checkpoint_name, restore
+from .runstate import Position, capture, checkpoint_name, rank_state, restore, unusable
 
 __all__ = ["Checkpointer", "Stateful"]
 
@@ -52,6 +52,7 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler, self.acc = model, optimizer, scheduler, acc
         self.extras = dict(extras)
         self.trainable_only = trainable_only  # LoRA: the frozen base comes from its folder
+        self.boundary: str | None = None  # the newest checkpoint between steps: never pruned
 
     def save(self, step: int, micro: int) -> Path:
         """Checkpoint the run at optimizer step ``step``, ``micro`` micro-batches into the next
@@ -61,35 +62,44 @@ class Checkpointer:
                         fsdp=self.fsdp, trainable_only=self.trainable_only)
         state["extra"] = {name: None if obj is None else obj.state_dict()
                           for name, obj in self.extras.items()}
+        if self.ranks.world_size > 1:  # each rank's own part, gathered into the one checkpoint
+            state["ranks"] = self.ranks.gather(rank_state(self.acc, micro > 0))
         name = checkpoint_name(step, micro)
+        if micro == 0:
+            self.boundary = name
         self.ranks.together("writing a checkpoint", self.comm, lambda: self.ranks.main and
-                            save_checkpoint(self.root, name, state, keep=self.keep))
+                            save_checkpoint(self.root, name, state, keep=self.keep,
+                                            protect=self.boundary))
         return self.root / name
 
     def exists(self, step: int, micro: int) -> bool:
         return (self.root / checkpoint_name(step, micro)).exists()
 
     def resume(self) -> tuple[Position, list[str]]:
-        """Load the newest checkpoint that verifies into the run's objects; rewind
-        ``metrics.jsonl`` to it. Returns the position and notes for the log.
+        """Load the newest checkpoint that verifies into the run's objects (none yet: the run
+        starts from step 0, as built); rewind ``metrics.jsonl`` to it. Returns the position and
+        notes for the log.
 
         Raises:
-            ConfigError: there is no checkpoint.
-            CheckpointError: none verifies, or the newest good one does not fit this run.
+            CheckpointError: checkpoints exist but none verifies, or the newest good one does not
+                fit this run.
         """
         notes: list[str] = []
 
-        def load() -> Position:
-            from .config import ConfigError
+        skipped: list[tuple[Path, str]] = []
+        world = self.ranks.world_size
 
-            found = load_latest(self.root)
-            if found is None:
-                raise ConfigError(f"--resume {self.out}: no checkpoint in {self.root}; start a "
-                                  "new run")
+        def load() -> Position:
+            found = load_latest(self.root, lambda state: unusable(state, world), skipped)
+            if found is None:  # stopped before its first checkpoint: the run starts over
+                notes.append(f"no checkpoint yet in {self.out}: starting the run from step 0 "
+                             "with its recorded configuration and seed")
+                return Position(0, 0, 0)
             path, state, rejected = found
             try:
                 where = restore(state, self.model, self.optimizer, self.scheduler, self.acc,
-                                fsdp=self.fsdp, trainable_only=self.trainable_only)
+                                fsdp=self.fsdp, trainable_only=self.trainable_only,
+                                rank=self.ranks.rank, world_size=world)
                 extra = state.get("extra") or {}
                 for name, obj in self.extras.items():
                     if obj is not None:
@@ -103,8 +113,14 @@ class Checkpointer:
                 for bad, why in rejected:  # the run will write these names again: set aside
                     notes.append(f"checkpoint {bad.name} is unusable ({why}); moved to "
                                  f"{set_aside(bad).name}, falling back")
+            if skipped:
+                notes.append(f"{skipped[0][0].name} was {skipped[0][1]}; resuming from the "
+                             "newest checkpoint between steps instead "
+                             f"({len(skipped)} passed over)")
             notes.append(f"resuming from {path.name}: step {where.step}, micro-batch "
                          f"{where.micro}")
+            if where.micro == 0:
+                self.boundary = path.name
             return where
 
         position = self.ranks.together("loading the checkpoint", self.comm, load)

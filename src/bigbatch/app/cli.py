@@ -93,21 +93,50 @@ def _config(args: argparse.Namespace, own: Sequence[str] = (), **defaults: Any) 
     return TrainConfig.of(**values)
 
 
+def _auto_resume(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """``--resume auto``: the config the flags describe, and whether ``--out`` holds it to
+    continue (else a new run starts there)."""
+    from .runfolder import differences, is_finished, saved_config
+
+    config = _config(args)
+    if not config.checkpoint.out:
+        raise UsageError("--resume auto continues (or starts) the run in --out; give --out DIR")
+    out = Path(config.checkpoint.out)
+    saved = saved_config(out)
+    if saved is None:  # nothing there yet, or stopped before its config was written
+        started = out.is_dir() and all(
+            p.name in ("run.json", ".lock") or p.name.startswith((".run.json.tmp-",
+                                                                  ".config.yaml.tmp-"))
+            for p in out.iterdir())
+        return config.replace(overwrite=started), False  # anything else there: refused
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    diffs = differences(saved, config, world)
+    if diffs:
+        raise ConfigError(f"--out {out} holds another run: {'; '.join(diffs[:3])}; give another "
+                          f"--out, or --resume {out} alone to continue that run as configured")
+    if is_finished(out, saved):
+        raise ConfigError(f"--out {out} holds this run, finished ({saved.optim.steps} steps); "
+                          "nothing to continue: give another --out for a new run")
+    return saved, True
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .runfolder import load_run_config
     from .trainer import RunStopped, train
 
-    if args.resume is not None:
+    if args.resume == "auto":
+        config, resume = _auto_resume(args)
+    elif args.resume is not None:
         known = {f.name for _, cls, _ in GROUPS for f in dataclasses.fields(cls)} | {"config"}
         extra = sorted(flag(k) for k in vars(args) if k in known)
         if extra:
             raise UsageError(f"--resume continues a run with its own config.yaml; drop "
                              f"{', '.join(extra)}")
-        config = load_run_config(Path(args.resume))
+        config, resume = load_run_config(Path(args.resume)), True
     else:
-        config = _config(args)
+        config, resume = _config(args), False
     try:
-        result = train(config, resume=args.resume is not None)
+        result = train(config, resume=resume)
     except RunStopped as stop:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
             print(f"bigbatch: {stop}", file=sys.stderr)
@@ -222,8 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a small byte-level GPT with exact gradient "
                        "accumulation; with no flags, on the Python standard library's source.")
     _add_config_flags(p)
-    p.add_argument("--resume", metavar="DIR", default=None,
-                   help="continue the run in DIR from its newest good checkpoint (bitwise exact)")
+    p.add_argument("--resume", metavar="DIR|auto", default=None,
+                   help="continue the run in DIR from its newest good checkpoint (bitwise exact; "
+                   "a run with no checkpoint yet starts from step 0); 'auto' with --out and the "
+                   "run's flags: continue the run in --out, or start it when there is none (the "
+                   "same command line after every preemption)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("verify", help="check K micro-batches give the full-batch step",

@@ -59,6 +59,14 @@ class Ranks:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t)
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable; tensors come back on the CPU), in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, _to_cpu(obj))
+        return out
+
     def together(self, what: str, device: torch.device, fn: Callable[[], T]) -> T:
         """Run ``fn`` on every rank; if it raises a :class:`BigBatchError` on any rank, raise on
         all of them (the failing rank with its own message), so none is left waiting."""
@@ -144,3 +152,13 @@ def wrap_model(model: torch.nn.Module, parallel: str, ranks: Ranks,
         fully_shard(block)
     fully_shard(model)
     return model
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

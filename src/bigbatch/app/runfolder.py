@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import shutil
 import sys
@@ -19,14 +20,15 @@ import torch
 import yaml
 
 from .. import __version__
-from .config import ConfigError, TrainConfig, load_config_file
+from .config import ConfigError, TrainConfig, flag, load_config_file
 
-__all__ = ["RUN_FILES", "check_out_dir", "default_out_dir", "load_run_config", "rewind_metrics",
-           "start_run_folder"]
+__all__ = ["RUN_FILES", "RunLock", "check_out_dir", "default_out_dir", "differences",
+           "is_finished", "load_run_config", "rewind_metrics", "saved_config", "start_run_folder"]
 
 # The files a run writes; --overwrite replaces these and nothing else.
-RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "model.safetensors", "loss.png", "tb",
-             "checkpoints")
+RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "model.safetensors", "model", "adapter",
+             "samples.md", "loss.png", "tb", "checkpoints")
+TRAINED = ("model.safetensors", "model", "adapter")  # what a finished run leaves
 # Where the run is written is not part of what it is: config.yaml leaves these out.
 _NOT_SAVED = ("out", "overwrite")
 
@@ -44,8 +46,8 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        holds_run = any((out / name).exists() for name in RUN_FILES)
+    if out.is_dir() and any(p.name != ".lock" for p in out.iterdir()) and not overwrite:
+        holds_run = (out / "config.yaml").exists() or (out / "run.json").exists()
         what = "already holds a run" if holds_run else "is not empty"
         raise ConfigError(
             f"--out {out} {what}; choose a new folder or pass --overwrite to replace its run files"
@@ -66,11 +68,19 @@ def start_run_folder(out: Path, config: TrainConfig, info: dict[str, Any]) -> No
     saved = config.to_file_dict()
     for key in _NOT_SAVED:
         saved["checkpoint"].pop(key)
-    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    (out / "run.json").write_text(json.dumps({
+    # run.json first and config.yaml last, each whole or not at all: a folder with a config.yaml
+    # holds a run that --resume can start or continue
+    _write_atomic(out / "run.json", json.dumps({
         "bigbatch": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "argv": sys.argv, "started": _dt.datetime.now().isoformat(timespec="seconds"), **info,
     }, indent=2) + "\n")
+    _write_atomic(out / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def load_run_config(out: Path) -> TrainConfig:
@@ -97,3 +107,70 @@ def rewind_metrics(metrics: Path, size: int) -> list[str]:
     with metrics.open("r+b") as f:
         f.truncate(size)
     return []
+
+
+def saved_config(out: Path) -> TrainConfig | None:
+    """The configuration a run folder holds, or None when it holds none (no config.yaml)."""
+    return load_run_config(out) if (out / "config.yaml").is_file() else None
+
+
+def is_finished(out: Path, config: TrainConfig) -> bool:
+    """Whether the run in ``out`` reached its last step and wrote its model."""
+    from .runstate import checkpoint_name
+
+    last = out / "checkpoints" / checkpoint_name(config.optim.steps, 0)
+    return last.is_dir() and any((out / name).exists() for name in TRAINED)
+
+
+def differences(saved: TrainConfig, given: TrainConfig, world_size: int) -> list[str]:
+    """Flags in which ``given`` (from a command line) describes another run than ``saved`` (a
+    run folder's), after resolving the batch sizes as a run records them."""
+    want = dict(saved.flat())
+    have = dict(given.flat())
+    if given.batch.auto_micro_batch:  # the run recorded the size it chose
+        have["micro_batch"] = want["micro_batch"]
+        have["global_batch"] = have["global_batch"] or want["global_batch"]
+    else:
+        plan = given.plan(world_size)
+        have.update(global_batch=plan.global_batch, micro_batch=plan.micro_batch)
+    have["accum_steps"] = want["accum_steps"]
+    if have["data"] is not None:
+        have["data"] = str(Path(have["data"]).absolute())
+    for key in _NOT_SAVED:
+        have[key] = want[key]
+    return [f"{flag(k)} {have[k]!r} (the run has {want[k]!r})" for k in want if have[k] != want[k]]
+
+
+class RunLock:
+    """One writer per run folder: an advisory ``fcntl`` lock on ``out/.lock`` holding the writer's
+    pid. The kernel releases it when the process ends, however it ends (SIGKILL included), so a
+    lock is never left behind. A no-op where ``fcntl`` does not exist."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Raises ConfigError (with the other writer's pid) when another process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"{self.path.parent} is being written by process {pid} (another "
+                              "bigbatch train); wait for it to end or stop it, then run this "
+                              "again") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -20,7 +21,8 @@ import torch
 from ..engine import Accumulator
 from .checkpoint import CheckpointError
 
-__all__ = ["Position", "StopSignals", "capture", "checkpoint_name", "restore"]
+__all__ = ["Position", "StopSignals", "capture", "checkpoint_name", "rank_state", "restore",
+           "unusable"]
 
 FORMAT_VERSION = 1
 
@@ -127,10 +129,20 @@ def _only(weights: dict[str, torch.Tensor], model: torch.nn.Module,
     return {k: v for k, v in weights.items() if k in keep}
 
 
+def rank_state(acc: Accumulator, mid_cycle: bool) -> dict[str, Any]:
+    """What only this rank knows: its random state and, mid-cycle, its own partial cycle."""
+    return {"accumulator": acc.state_dict() if mid_cycle else None, "rng": _rng_state()}
+
+
 def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: Any, acc: Accumulator, *, fsdp: bool = False,
-            trainable_only: bool = False) -> Position:
+            trainable_only: bool = False, rank: int = 0, world_size: int = 1) -> Position:
     """Load a checkpoint's state tree into freshly built objects; returns the data position.
+
+    A checkpoint written by several ranks holds each one's random state (and, mid-cycle, its
+    partial cycle) under ``"ranks"``: on the same world size each rank takes its own; on another,
+    a checkpoint between cycles is restored with rank 0's random state (a mid-cycle one cannot
+    be, see :func:`unusable`).
 
     Raises:
         CheckpointError: the state is of another format version or does not fit these objects
@@ -152,8 +164,11 @@ def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.opti
             model.load_state_dict(_full(state["model"], model, trainable_only))
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        acc.load_state_dict(state["accumulator"])
-        _set_rng_state(state["rng"])
+        own = state.get("ranks")
+        mine = own[rank] if own and len(own) == world_size else None
+        acc_state = mine["accumulator"] if mine and mine["accumulator"] else state["accumulator"]
+        acc.load_state_dict(acc_state)
+        _set_rng_state(mine["rng"] if mine else state["rng"])
         return Position(int(state["step"]), int(state["micro"]), int(state["metrics_bytes"]))
     except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
         what = " ".join(str(err).split())[:300]
@@ -174,22 +189,50 @@ def _full(saved: dict[str, torch.Tensor], model: torch.nn.Module,
     return {**model.state_dict(), **saved}
 
 
-class StopSignals:
-    """Turns SIGINT/SIGTERM into a request to stop after the current micro-batch.
+def unusable(state: Any, world_size: int) -> str | None:
+    """Why a run on ``world_size`` ranks cannot resume from this state (None: it can). A
+    checkpoint taken in the middle of a cycle holds each rank's partial gradient: only the same
+    number of ranks can continue it."""
+    if not isinstance(state, dict) or not int(state.get("micro", 0) or 0):
+        return None
+    written = len(state.get("ranks") or []) or 1
+    if written != world_size:
+        return (f"taken mid-cycle by {written} rank(s), and this run has {world_size}: only as "
+                "many can continue a cycle")
+    return None
 
-    A second signal of the same kind acts immediately (the previous handler is back in place).
-    Outside the main thread, where handlers cannot be installed, it does nothing.
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a request to stop after the current micro-batch (with a
+    checkpoint).
+
+    Schedulers often signal every process of a job at once (torchrun and its workers, SLURM's
+    ``scancel --signal``), so a worker may get the same request twice: a second signal within
+    ``GRACE`` seconds of the first is that same request and is ignored, so the checkpoint being
+    written is not cut short. A second one later, or a third, stops at once (the previous
+    handler is put back and the signal raised again). Outside the main thread, where handlers
+    cannot be installed, this does nothing.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    GRACE = 10.0
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._first = 0.0
+        self._count = 0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        now = time.monotonic()
+        self._count += 1
+        if self.received is None:
+            self.received, self._first = signum, now
+            return
+        if self._count == 2 and now - self._first < self.GRACE:
+            return  # the same stop request, delivered twice
+        self.__exit__()
+        signal.raise_signal(signum)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

@@ -38,7 +38,7 @@ from .data import TokenWindows, global_batches, packed_micro_batches, take_sampl
 from .launch import Ranks, setup, wrap_model
 from .models.gpt import num_parameters
 from .progress import Progress
-from .runfolder import check_out_dir, default_out_dir, start_run_folder
+from .runfolder import RunLock, check_out_dir, default_out_dir, start_run_folder
 from .runlog import RunLog, last_train_loss, plot_losses
 from .runstate import StopSignals, model_state
 from .workload import (
@@ -122,31 +122,39 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        self._check_inputs()
-        self._setup_workload()
-        self._setup_engine()
-        self._setup_run()
-        self._setup_logs()
-        start = time.perf_counter()
+        self.lock = RunLock(self.out)
         try:
-            self._loop()
+            self._check_inputs()
+            self._setup_workload()
+            self._setup_engine()
+            self._setup_run()
+            self._setup_logs()
+            start = time.perf_counter()
+            try:
+                self._loop()
+            finally:
+                self.progress.close()
+                if self.log is not None:
+                    self.log.close()
+            return self._finish(time.perf_counter() - start)
         finally:
-            self.progress.close()
-            if self.log is not None:
-                self.log.close()
-        return self._finish(time.perf_counter() - start)
+            self.lock.release()
 
     def _check_inputs(self) -> None:
         config, ranks = self.config, self.ranks
-        if ranks.world_size > 1 and config.checkpoint.save_every_micro:
-            raise ConfigError("--save-every-micro: mid-cycle checkpoints are for one process "
-                              "(each rank holds its own partial gradient); use --save-every "
-                              "under torchrun")
+        if self.fsdp and config.checkpoint.save_every_micro:
+            raise ConfigError("--save-every-micro: FSDP2 keeps a cycle's partial gradient "
+                              "unsharded, out of reach of a checkpoint; use --parallel ddp, or "
+                              "--save-every (between optimizer steps)")
         if config.data.data is not None:  # a resume from another folder must find the data
             self.config = config = config.replace(data=str(Path(config.data.data).absolute()))
         if not self.resume:
             overwrite = config.checkpoint.overwrite
             ranks.together("checking --out", self.comm, lambda: check_out_dir(self.out, overwrite))
+        elif self.main:  # one writer per run folder, from the start
+            ranks.together("locking the run folder", self.comm, self.lock.acquire)
+        else:
+            ranks.together("locking the run folder", self.comm, lambda: None)
 
     def _setup_workload(self) -> None:
         config = self.config
@@ -191,7 +199,10 @@ class Trainer:
             position, notes = self.checkpoints.resume()
             self.step, self.first_micro = position.step, position.micro
             self.notes += notes
-        elif self.main:  # the sizes resolved; K follows the world size (resume elsewhere)
+            return
+        self.ranks.together("locking the run folder", self.comm,
+                            self._lock_new if self.main else lambda: None)
+        if self.main:  # the sizes resolved; K follows the world size (resume elsewhere)
             resolved = self.config.replace(global_batch=self.plan.global_batch,
                                            micro_batch=self.plan.micro_batch, accum_steps=None)
             start_run_folder(self.out, resolved, {
@@ -201,6 +212,13 @@ class Trainer:
                 "train_samples": len(self.work.train),
                 "val_samples": len(self.work.val),
                 "parameters": num_parameters(self.work.model)})
+
+    def _lock_new(self) -> None:
+        """Lock the new run's folder; another process may have started a run there meanwhile."""
+        self.lock.acquire()
+        if (self.out / "config.yaml").exists() and not self.config.checkpoint.overwrite:
+            self.lock.release()
+            check_out_dir(self.out, False)
 
     def _setup_logs(self) -> None:
         config, plan = self.config, self.plan
@@ -276,8 +294,8 @@ class Trainer:
         return plan, micro
 
     def _accumulate(self, micro_batches: list[Any], signals: StopSignals) -> None:
-        """The step's micro-batches from where the run stands; one process checkpoints mid-cycle
-        every ``--save-every-micro`` and stops there on a signal."""
+        """The step's micro-batches from where the run stands, checkpointing mid-cycle every
+        ``--save-every-micro``; one process stops there on a signal."""
         k, every = len(micro_batches), self.config.checkpoint.save_every_micro
         done_before = (self.step * k if self.schedule is None
                        else self.schedule.samples // self.schedule.micro_samples)
@@ -290,12 +308,10 @@ class Trainer:
                     raise
                 path = self.checkpoints.save(self.step, 0)
                 raise RunStopped(f"stopped: {e}. The last good state is in {path}", 1) from e
-            if self.ranks.world_size > 1:
-                continue  # ranks stop together, between optimizer steps
-            if signals.received:
-                self._stop(signals.received, self.step, i + 1, k)
+            if signals.received and self.ranks.world_size == 1:  # ranks stop together,
+                self._stop(signals.received, self.step, i + 1, k)  # between optimizer steps
             if every and (done_before + i + 1) % every == 0 and i + 1 < k:
-                self.checkpoints.save(self.step, i + 1)
+                self.checkpoints.save(self.step, i + 1)  # every rank its own partial cycle
         self.first_micro = 0
 
     def _report(self, stats: StepStats, plan: BatchPlan, k: int) -> None:
@@ -353,7 +369,7 @@ class Trainer:
                else "bigbatch train")
         raise RunStopped(
             f"stopped by {name} at step {step}, micro-batch {micro}/{k}; checkpoint {path}; "
-            f"resume with: {how} --resume {self.out}", 128 + signum)
+            f"resume with: {how} --resume {self.out.absolute()}", 128 + signum)
 
     # -- the end -------------------------------------------------------------------------------
 

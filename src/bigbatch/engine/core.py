@@ -273,13 +273,18 @@ class Accumulator:
         buffer, cloned, in ``model.parameters()`` order), its loss sum, item count and the
         features' partial state, so a resumed run continues the cycle bit for bit.
 
+        Under DDP a cycle in flight is this rank's own (its partial gradient, loss sum and count
+        are not yet summed over ranks): each rank saves and restores its own.
+
         Raises:
-            BigBatchError: a cycle is in flight in a process group of more than one rank.
+            BigBatchError: a cycle is in flight under FSDP2 (its unsharded partial gradient is
+                internal to FSDP2).
         """
-        if self._micro and self.sync.world_size > 1:
+        if self._micro and self.sync.kind == "fsdp2":
             raise BigBatchError(
-                "state_dict() in the middle of a cycle is per rank under DDP/FSDP2 (each holds its "
-                "own partial gradient); take it between cycles, after finish()")
+                "state_dict() in the middle of a cycle is not available under FSDP2 (it keeps the "
+                "partial gradient unsharded, out of reach); take it between cycles, after "
+                "finish(), or use DDP")
         scaler = self.precision.scaler
         state: dict[str, Any] = {
             "steps_taken": self.steps_taken, "steps_skipped": self.steps_skipped,
