@@ -32,7 +32,11 @@ gradient clipping (global L2 norm 1.0, applied once, on the accumulated gradient
   both until the K-th micro-batch);
 * ``lightning``: a ``LightningModule`` whose ``training_step`` returns the mean loss, trained by
   ``Trainer(accumulate_grad_batches=K, gradient_clip_val=1.0, max_steps=S)`` on the cycles'
-  micro-batches in order (Lightning drives its own loop; see :func:`lightning_fit`);
+  micro-batches in order (in a thread of its own, fed one cycle at a time);
+* ``hftrainer``: ``transformers.Trainer(gradient_accumulation_steps=K, max_grad_norm=1.0)``
+  with its own ``num_items_in_batch`` normalization (``compute_loss_func``), fed the same way;
+* ``accelerate_bb``, ``lightning_bb``, ``hftrainer_bb``: the same trainers with their bigbatch
+  integration (:mod:`benchmarks.trainer_methods`);
 * ``full``: the reference, written here without the engine: the cycle's micro-batches
   concatenated into one batch, one forward, the loss the mean over *all* its real tokens, one
   backward, ``clip_grad_norm_``, ``step``.
@@ -42,10 +46,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import logging
-import time
-import warnings
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,14 +64,13 @@ from bigbatch.app.data import (
 from bigbatch.app.models.gpt import GPT, GPTConfig
 from bigbatch.loss import IGNORE_INDEX, LossSum, token_cross_entropy
 
-from ._harness import device_sync
-
 Batch = dict[str, torch.Tensor]
 Cycle = list[Batch]
 
 MODELS = ("default", "gpt2")
-PEERS = ("accelerate", "lightning")
-METHODS = ("hand", "hand2", "bigbatch", "accelerate", "lightning")
+PEERS = ("accelerate", "lightning", "hftrainer")
+METHODS = ("hand", "hand2", "bigbatch", "accelerate", "accelerate_bb", "lightning",
+           "lightning_bb", "hftrainer", "hftrainer_bb")
 LR, BETAS, WEIGHT_DECAY, CLIP = 1e-3, (0.9, 0.95), 0.1, 1.0
 
 
@@ -100,7 +99,7 @@ def available(package: str) -> bool:
 def missing_packages(name: str) -> list[str]:
     """Packages a model or method needs that are not installed."""
     need = {"gpt2": ["transformers"], "accelerate": ["accelerate"],
-            "lightning": ["lightning"]}.get(name, [])
+            "lightning": ["lightning"], "hftrainer": ["transformers"]}.get(name, [])
     return [p for p in need if not available(p)]
 
 
@@ -220,6 +219,9 @@ class Method:
     def step(self, cycle: Cycle) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the method holds (a trainer's thread); nothing for most."""
+
 
 class HandLoop(Method):
     """``(mean loss / K).backward()`` per micro-batch; clip, step and zero_grad once."""
@@ -300,8 +302,14 @@ class FullBatch(HandLoop):
         self.apply()
 
 
-def make_method(name: str, model: nn.Module, k: int, device: torch.device) -> Method:
-    """A method by name; ``hand2`` is a second, identical hand loop (an A/A noise check)."""
+def make_method(name: str, model: nn.Module, k: int, device: torch.device, steps: int = 0,
+                workdir: str = ".") -> Method:
+    """A method by name; ``hand2`` is a second, identical hand loop (an A/A noise check).
+
+    The trainers that run their own loop (Lightning, the HF Trainer) train for exactly ``steps``
+    optimizer steps and must be closed after them (:mod:`benchmarks.trainer_methods`);
+    ``workdir`` is the HF Trainer's output folder (it writes nothing there).
+    """
     if name in ("hand", "hand2"):
         return HandLoop(model)
     if name == "bigbatch":
@@ -310,109 +318,9 @@ def make_method(name: str, model: nn.Module, k: int, device: torch.device) -> Me
         return AccelerateLoop(model, k, device)
     if name == "full":
         return FullBatch(model)
-    raise ValueError(f"no step-by-step method {name!r}")
+    from .trainer_methods import make_trainer_method
 
-
-# -- Lightning ---------------------------------------------------------------------------------
-
-def _quiet_lightning() -> None:
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module=r"lightning(\.|$)")
-    warnings.filterwarnings("ignore", module=r"pytorch_lightning(\.|$)")
-
-
-class _InOrder:
-    """The micro-batches as one iterable (a bare list would be read as a list of loaders)."""
-
-    def __init__(self, batches: Sequence[Batch]) -> None:
-        self.batches = list(batches)
-
-    def __iter__(self) -> Any:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def lightning_fit(model: nn.Module, micro_batches: Sequence[Batch], k: int, steps: int,
-                  device: torch.device, precision: str = "32-true",
-                  callbacks: Sequence[Any] = ()) -> None:
-    """Train ``model`` for ``steps`` optimizer steps of ``k`` micro-batches with Lightning.
-
-    The micro-batches are fed in the order given (a plain list: no DataLoader, no shuffling);
-    Lightning divides each ``training_step`` loss by ``k``, steps every ``k`` batches and clips
-    the accumulated gradient (``gradient_clip_val``, norm).
-    """
-    import lightning as L
-
-    _quiet_lightning()
-
-    class LitLM(L.LightningModule):
-        def __init__(self, net: nn.Module) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-            return mean_loss(self.net, batch)
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return make_optimizer(self.net)
-
-    trainer = L.Trainer(
-        accelerator="cpu" if device.type == "cpu" else "gpu",
-        devices=1 if device.type == "cpu" else [device.index or 0], precision=precision,
-        accumulate_grad_batches=k, gradient_clip_val=CLIP, gradient_clip_algorithm="norm",
-        max_steps=steps, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=list(callbacks))
-    trainer.fit(LitLM(model), train_dataloaders=_InOrder(micro_batches))
-    if trainer.global_step != steps:
-        raise RuntimeError(f"Lightning took {trainer.global_step} optimizer steps, not {steps}")
-
-
-def lightning_interleaved(model: nn.Module, cycles: Sequence[Cycle], device: torch.device,
-                          run_others: Callable[[int], None]) -> list[float]:
-    """Time Lightning's optimizer steps while it drives the whole round-robin.
-
-    Lightning's ``fit`` cannot be paused between optimizer steps, so the other methods run inside
-    it, from a callback: at the start of the first micro-batch (round 0) and at the end of each
-    cycle's last micro-batch (rounds 1, 2, …) the callback runs ``run_others(round)``, then starts
-    Lightning's clock. Lightning's time for a cycle runs from there to the end of that cycle's
-    last micro-batch (``on_train_batch_end``, after its optimizer step): its K
-    ``training_step`` calls, the backward passes, clipping, the step and every hook and batch
-    fetch in between; never the other methods' work.
-
-    Returns:
-        Seconds per optimizer step of Lightning, one per cycle, in order.
-    """
-    import lightning as L
-
-    k = len(cycles[0])
-    times: list[float] = []
-    wait = device_sync(device) or (lambda: None)
-
-    class Interleave(L.Callback):
-        t0 = 0.0
-
-        def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, idx: int) -> None:
-            if idx == 0:
-                run_others(0)
-                self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any,
-                               idx: int) -> None:
-            if (idx + 1) % k:
-                return
-            wait()
-            times.append(time.perf_counter() - self.t0)
-            if (idx + 1) // k < len(cycles):
-                run_others((idx + 1) // k)
-            self.t0 = time.perf_counter()
-
-    flat = [b for cycle in cycles for b in cycle]
-    lightning_fit(model, flat, k, len(cycles), device, callbacks=[Interleave()])
-    return times
+    return make_trainer_method(name, model, k, steps, device, workdir)
 
 
 def clone(model: nn.Module) -> nn.Module:

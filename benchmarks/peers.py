@@ -1,4 +1,5 @@
-"""bigbatch against the hand-written loop, Hugging Face Accelerate and PyTorch Lightning.
+"""bigbatch against the hand-written loop, Accelerate, Lightning and the HF Trainer, and inside
+them (its integrations).
 
     python -m benchmarks peers           # both models, K = 1, 8, 32: about 6 min on 2 CPU cores
     python -m benchmarks peers --quick   # smoke run, < 1 min
@@ -12,17 +13,20 @@ library's source bytes, three parts:
 1. **speed** (float32, on ``--device``): seconds per optimizer step of each method at each K of
    ``--k``, micro-batches of ``--micro`` rows: the hand loop, the same hand loop again (``hand2``,
    an A/A check whose distance from the first is the noise of the measurement), bigbatch,
-   Accelerate, Lightning. All start from the same weights and take the same cycle in each round,
-   in turns (the order of the non-Lightning methods rotates by one place per round:
-   :func:`benchmarks._harness.interleave`). The first
-   ``--warmup`` rounds (at K > 8: one) are discarded; the table gives the median of the others
-   (``--steps`` of them at K = 8, and at other K as many micro-batches: ``steps · 8 / K``
-   rounds, at least 8) and, in brackets, the median over rounds of its time divided by the hand
-   loop's time on the same cycle (drift of the machine cancels). Lightning cannot be paused
-   between steps, so it drives the rounds: the other methods run from a Lightning callback at each
-   cycle boundary, and Lightning's step is timed from there to the end of its cycle's last
-   micro-batch (:func:`benchmarks.peer_methods.lightning_interleaved`). On CUDA every reading
-   follows a device synchronization.
+   Accelerate, Lightning and the HF Trainer, each alone and with its bigbatch integration
+   (``accelerate_bb``, ``lightning_bb``, ``hftrainer_bb``). All start from the same weights and
+   take the same cycle in each round, in turns (the order rotates by one place per round:
+   :func:`benchmarks._harness.interleave`). The first ``--warmup`` rounds (at K > 8: one) are
+   discarded; the table gives the median of the others (``--steps`` of them at K = 8, and at
+   other K as many micro-batches: ``steps · 8 / K`` rounds, at least 8) and, in brackets, the
+   median over rounds of its time divided by the hand loop's time on the same cycle (drift of the
+   machine cancels); each integration also divided by its trainer alone's. Lightning and the HF
+   Trainer cannot be paused between steps: each runs in a thread of its own, handed one cycle
+   per round, and its step is timed from the hand-over to its request for the next cycle's first
+   micro-batch (:class:`benchmarks.trainer_methods.Threaded`). The HF Trainer's rows run in a
+   second interleaved group, with a hand loop of their own, after the others (its
+   ``Accelerator`` overwrites Accelerate's process-wide accumulation settings). On CUDA every
+   reading follows a device synchronization.
 2. **correctness** (float64, on CPU): from the same initial weights and the same micro-batches in
    the same order, ``--correct-steps`` optimizer steps of ``--correct-k`` micro-batches with each
    method, and with the full batch in one pass (the mean over every real token of the cycle,
@@ -36,8 +40,9 @@ library's source bytes, three parts:
    fresh process (:mod:`benchmarks.fullbatch_child`) that reports its peak resident set
    (``VmHWM``, reset before the measured steps; Linux) or, on CUDA, ``max_memory_allocated``.
 
-Accelerate and Lightning come with the ``bench`` extra (``pip install -e ".[bench]"``); a peer
-that is not installed is skipped with a note, as is the ``gpt2`` model without ``transformers``.
+Accelerate, Lightning and transformers come with the ``bench`` extra
+(``pip install -e ".[bench]"``; the HF Trainer rows need transformers >= 5); a peer that is not
+installed is skipped with a note, as is the ``gpt2`` model without ``transformers``.
 Results: markdown tables on stdout (progress on stderr), ``--json`` and ``--png``
 (``benchmarks/results/peers.json`` and ``.png``; with ``--quick``, in the temporary folder; the
 PNG goes next to the JSON unless ``--png`` says where).
@@ -51,6 +56,7 @@ import dataclasses
 import gc
 import math
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from importlib import metadata
@@ -73,7 +79,6 @@ from ._harness import (
     parser,
     resolve_device,
     results_path,
-    run_round,
     summarize,
     write_results,
 )
@@ -88,8 +93,6 @@ from .peer_methods import (
     build_model,
     clone,
     describe_model,
-    lightning_fit,
-    lightning_interleaved,
     make_method,
     missing_packages,
 )
@@ -97,9 +100,14 @@ from .peer_methods import (
 PARTS = ("speed", "correctness", "memory")
 DISTANCE = "‖θ_method − θ_full‖ / ‖θ_full − θ_0‖ (all parameters as one vector, float64)"
 LABELS = {"hand": "hand loop (loss/K)", "hand2": "hand loop again (A/A noise check)",
+          "hand_hf": "hand loop (the HF Trainer's group)",
           "bigbatch": "bigbatch Accumulator",
           "accelerate": "Accelerate accumulate()", "lightning": "Lightning accumulate_grad_batches",
-          "full": "full batch (truth)"}
+          "hftrainer": "HF Trainer (num_items_in_batch)",
+          "accelerate_bb": "Accelerate + bigbatch", "lightning_bb": "Lightning + bigbatch",
+          "hftrainer_bb": "HF Trainer + bigbatch", "full": "full batch (truth)"}
+INTEGRATIONS = {"accelerate_bb": "accelerate", "lightning_bb": "lightning",
+                "hftrainer_bb": "hftrainer"}  # integration -> the trainer alone
 DEFAULTS = {"k": "1,8,32", "micro": 8, "steps": 16, "warmup": 2, "correct_k": 8,
             "correct_steps": 4, "global_batch": 64, "memory_steps": 2, "threads": 0}
 QUICK = {"k": "1,2", "micro": 2, "steps": 2, "warmup": 1, "correct_k": 2, "correct_steps": 2,
@@ -110,8 +118,9 @@ MIN_LARGE_K_STEPS = 8
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = parser("peers", __doc__)
     p.add_argument("--models", default="default,gpt2", help="comma list of: default, gpt2")
-    p.add_argument("--peers", default="accelerate,lightning",
-                   help="comma list of: accelerate, lightning; or none")
+    p.add_argument("--peers", default="accelerate,lightning,hftrainer",
+                   help="comma list of: accelerate, lightning, hftrainer (each with its bigbatch "
+                        "integration); or none")
     p.add_argument("--parts", default=",".join(PARTS), help="comma list of: " + ", ".join(PARTS))
     p.add_argument("--k", help=f"micro-batches per step, comma list (default {DEFAULTS['k']})")
     p.add_argument("--micro", type=int, help=f"rows per micro-batch (default {DEFAULTS['micro']})")
@@ -178,24 +187,29 @@ def warmup_rounds(warmup: int, k: int) -> int:
 
 
 def interleave_methods(methods: dict[str, Any], cycles: Sequence[Sequence[Any]],
-                       device: torch.device, lightning_model: torch.nn.Module | None = None,
-                       ) -> dict[str, list[float]]:
+                       device: torch.device) -> dict[str, list[float]]:
     """Seconds per optimizer step of each method, taking turns on the same cycle each round.
 
     ``methods`` maps a name to an object with ``step(cycle)``; their order rotates by one place
-    each round (:func:`benchmarks._harness.interleave`). With ``lightning_model``, Lightning trains
-    that model too, last in each round (it drives the rounds; see
-    :func:`~benchmarks.peer_methods.lightning_interleaved`).
+    each round (:func:`benchmarks._harness.interleave`).
     """
     steps = {name: (lambda r, m=method: m.step(cycles[r])) for name, method in methods.items()}
     wait = device_sync(device)
-    if lightning_model is None:
-        return interleave(steps, len(cycles), before=wait, after=wait)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    times["lightning"] = lightning_interleaved(
-        lightning_model, cycles, device,
-        lambda r: run_round(steps, r, times, before=wait, after=wait))
-    return times
+    return interleave(steps, len(cycles), before=wait, after=wait)
+
+
+def speed_groups(methods: Sequence[str]) -> list[list[str]]:
+    """The methods interleaved together: the HF Trainer's apart, with a hand loop of its own
+    (``hand_hf``), since its ``Accelerator`` resets Accelerate's process-wide settings."""
+    hf = [m for m in methods if m.startswith("hftrainer")]
+    rest = [m for m in methods if m not in hf]
+    return [rest] + ([["hand_hf", *hf]] if hf else [])
+
+
+def trainer_ratios(times: dict[str, list[float]], warm: int) -> dict[str, float]:
+    """Each integration's time over its trainer alone's, median over the timed rounds."""
+    return {bb: statistics.median(a / b for a, b in zip(times[bb][warm:], times[alone][warm:]))
+            for bb, alone in INTEGRATIONS.items() if bb in times and alone in times}
 
 
 def run_speed(name: str, corpus: Corpus, args: argparse.Namespace,
@@ -204,22 +218,32 @@ def run_speed(name: str, corpus: Corpus, args: argparse.Namespace,
     for k in args.k:
         warm = warmup_rounds(args.warmup, k)
         n = warm + timed_steps(args.steps, k)
-        log(f"speed   {name}: K={k}, {n} rounds of {', '.join(methods)}")
-        corpus.restart()
-        base = _model(name, args).to(args.device)
-        cycles = corpus.cycles(n, k, args.micro, args.device)
-        steppers = {m: make_method(m, clone(base), k, args.device)
-                    for m in methods if m != "lightning"}
-        light = clone(base) if "lightning" in methods else None
+        row: dict[str, Any] = {"k": k, "micro": args.micro, "rows_per_step": k * args.micro,
+                               "timed_steps": n - warm, "warmup": warm, "seconds": {},
+                               "ratio": {}, "paired_ratio": {}, "rounds": {},
+                               "trainer_ratio": {}}
         t0 = time.perf_counter()
-        times = interleave_methods(steppers, cycles, args.device, light)
-        row = {"k": k, "micro": args.micro, "rows_per_step": k * args.micro,
-               "timed_steps": n - warm, "warmup": warm, **summarize(times, warm, "hand")}
+        for group in speed_groups(methods):
+            log(f"speed   {name}: K={k}, {n} rounds of {', '.join(group)}")
+            corpus.restart()
+            base = _model(name, args).to(args.device)
+            cycles = corpus.cycles(n, k, args.micro, args.device)
+            with tempfile.TemporaryDirectory() as work:
+                steppers = {m: make_method(m.replace("hand_hf", "hand"), clone(base), k,
+                                           args.device, steps=n, workdir=work) for m in group}
+                times = interleave_methods(steppers, cycles, args.device)
+                for method in steppers.values():
+                    method.close()
+            got = summarize(times, warm, group[0])
+            for key in ("seconds", "ratio", "paired_ratio", "rounds"):
+                row[key].update(got[key])
+            row["trainer_ratio"].update(trainer_ratios(times, warm))
+            del steppers, cycles, base
+            gc.collect()
         rows.append(row)
         log(f"        {time.perf_counter() - t0:.0f}s; ratio to hand: " + ", ".join(
-            f"{m} {row['ratio'][m]:.3f}" for m in methods))
-        del steppers, light, cycles, base
-        gc.collect()
+            f"{m} {row['ratio'][m]:.3f}" for m in methods) + "; to the trainer alone: "
+            + ", ".join(f"{m} {r:.3f}" for m, r in row["trainer_ratio"].items()))
     return rows
 
 
@@ -242,13 +266,11 @@ def run_correctness(name: str, corpus: Corpus, args: argparse.Namespace,
     final: dict[str, torch.Tensor] = {}
     for m in ("full", *methods):
         model = clone(base)
-        if m == "lightning":
-            lightning_fit(model, [b for cycle in cycles for b in cycle], k, steps, cpu,
-                          precision="64-true")
-        else:
-            method = make_method(m, model, k, cpu)
+        with tempfile.TemporaryDirectory() as work:
+            method = make_method(m, model, k, cpu, steps=steps, workdir=work)
             for cycle in cycles:
                 method.step(cycle)
+            method.close()
         final[m] = _flat(model)
     moved = float(torch.linalg.vector_norm(final["full"] - theta0))
     distance = {m: float(torch.linalg.vector_norm(final[m] - final["full"])) / moved
@@ -362,6 +384,7 @@ def markdown(report: dict[str, Any]) -> str:
                        f"from the same weights and micro-batches; θ_full: the full batch in "
                        "one pass with the token mean over the whole global batch.")
         out.append("")
+        out += integration_table(speed, correct)
     mem = {n: r["memory"] for n, r in models.items() if r.get("memory")}
     if mem:
         unit = "peak allocated (MiB)" if report["machine"]["device"].startswith("cuda") else \
@@ -389,6 +412,36 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def integration_table(speed: dict[str, list[dict[str, Any]]],
+                      correct: dict[str, dict[str, Any]]) -> list[str]:
+    """Each bigbatch integration against its trainer alone: time ratio and distance."""
+    names = [n for n in (speed.keys() | correct.keys())]
+    shown = [m for m in INTEGRATIONS if any(
+        m in row.get("trainer_ratio", {}) for n in names for row in speed.get(n, []))
+        or any(m in correct.get(n, {}).get("distance", {}) for n in names)]
+    if not shown:
+        return []
+    ks = sorted({row["k"] for rows in speed.values() for row in rows})
+    head = ["model", "integration", *(f"K={k}: × the trainer alone" for k in ks),
+            "distance to full batch: trainer alone → with bigbatch"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in sorted(names, key=list(MODELS).index):
+        for m in shown:
+            cells = [name, LABELS[m]]
+            for k in ks:
+                row = next((r for r in speed.get(name, []) if r["k"] == k), {})
+                ratio = row.get("trainer_ratio", {}).get(m)
+                cells.append("—" if ratio is None else f"{ratio:.3f}")
+            d = correct.get(name, {}).get("distance", {})
+            alone = INTEGRATIONS[m]
+            cells.append(f"{_fmt_dist(d[alone])} → {_fmt_dist(d[m])}"
+                         if m in d and alone in d else "—")
+            out.append("| " + " | ".join(cells) + " |")
+    out += ["", "× the trainer alone: median over the timed rounds of the integration's seconds "
+            "per step divided by its trainer's own on the same cycle (goal ≤ 1.02).", ""]
+    return out
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """Three panels: speed ratios vs K, distances to the full batch, memory and time vs K."""
     import matplotlib
@@ -400,7 +453,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     styles = {"default": "-", "gpt2": "--"}
     colors = {"hand": "tab:gray", "hand2": "silver", "bigbatch": "tab:blue",
-              "accelerate": "tab:orange", "lightning": "tab:purple"}
+              "accelerate": "tab:orange", "lightning": "tab:purple", "hftrainer": "tab:brown",
+              "accelerate_bb": "gold", "lightning_bb": "orchid", "hftrainer_bb": "tan"}
     ax = axes[0]
     ks: set[int] = set()
     for name, res in models.items():
@@ -490,8 +544,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = missing_packages(peer)
         if missing:
             skipped[peer] = "not installed: pip install -e '.[bench]'"
+        elif peer == "hftrainer" and int(_version("transformers").split(".")[0]) < 5:
+            skipped[peer] = "the HF Trainer rows need transformers >= 5"
         else:
-            methods.append(peer)
+            methods += [peer, f"{peer}_bb"]
     for what, why in skipped.items():
         log(f"note: skipping {what}: {why}")
     t_start = time.perf_counter()
@@ -510,10 +566,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "ratio": "median s/step of the method / median s/step of the hand loop",
                      "paired_ratio": "median over rounds of (method's s/step / hand loop's s/step "
                                      "on the same cycle); the table's number",
-                     "lightning_timing": "Lightning drives the rounds; the others run from a "
-                                         "callback at each cycle boundary; Lightning's step is "
-                                         "timed from there to on_train_batch_end of the cycle's "
-                                         "last micro-batch"},
+                     "trainer_ratio": "median over rounds of (an integration's s/step / its "
+                                      "trainer alone's s/step on the same cycle)",
+                     "threaded_timing": "Lightning and the HF Trainer run in a thread each, "
+                                        "handed one cycle per round; a step is timed from the "
+                                        "hand-over to the trainer's request for the next "
+                                        "cycle's first micro-batch",
+                     "hf_group": "the HF Trainer rows are interleaved in a second group with a "
+                                 "hand loop of their own (hand_hf), whose times give their "
+                                 "ratio to the hand loop"},
         "skipped": skipped, "models": {}}
     corpus = Corpus(args.shape.seq_len, args.seed)
     for name in models:

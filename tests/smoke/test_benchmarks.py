@@ -2,8 +2,9 @@
 
 Each benchmark runs once, in a subprocess from the repository root, with its results sent to a
 temporary folder; only the shape of each report is checked, and the float64 distances of the
-peers comparison — never a time. Accelerate and Lightning are optional (the ``bench`` extra):
-without them ``peers`` skips them with a note, and so does its check of their rows.
+peers comparison — never a time. Accelerate, Lightning and transformers are optional (the
+``bench`` extra): without them ``peers`` skips them with a note, and so does its check of their
+rows.
 """
 
 from __future__ import annotations
@@ -100,22 +101,30 @@ def test_peers(tmp_path: Path) -> None:
     for key in ("command", "machine", "versions", "settings", "formulas", "skipped", "models",
                 "markdown"):
         assert key in report, key
-    peers = [p for p in ("accelerate", "lightning") if _installed(p)]
-    for p in ("accelerate", "lightning"):
+    package = {"accelerate": "accelerate", "lightning": "lightning", "hftrainer": "transformers"}
+    peers = [p for p in package if _installed(package[p])]
+    integrations = [f"{p}_bb" for p in peers]  # each peer with its bigbatch integration
+    for p in package:
         assert (p in report["settings"]["methods"]) == (p in peers)
         assert (p in report["skipped"]) == (p not in peers)
     assert list(report["models"]) == models.split(",")
     for res in report["models"].values():
         assert {"description", "speed", "correctness", "memory"} <= set(res)
         assert [row["k"] for row in res["speed"]] == [1, 2]
+        hf_hand = {"hand_hf"} if "hftrainer" in peers else set()  # the HF Trainer's group
         for row in res["speed"]:
-            assert set(row["seconds"]) == {"hand", "hand2", "bigbatch", *peers}
+            assert set(row["seconds"]) == {"hand", "hand2", "bigbatch", *peers, *integrations,
+                                           *hf_hand}
+            assert set(row["trainer_ratio"]) == set(integrations)
             assert {"k", "micro", "timed_steps", "warmup", "ratio", "paired_ratio",
                     "rounds"} <= set(row)
         dist = res["correctness"]["distance"]
-        assert set(dist) == {"hand", "bigbatch", *peers}
-        assert dist["bigbatch"] < 1e-10  # float64: exact up to rounding
-        for m in ("hand", *peers):  # mean loss / K on micro-batches of unequal token counts
+        assert set(dist) == {"hand", "bigbatch", *peers, *integrations}
+        for m in ("bigbatch", *integrations):  # float64: exact up to rounding
+            assert dist[m] < 1e-10, m
+        # mean loss / K on micro-batches of unequal token counts (the HF Trainer divides by its
+        # own count of the cycle's labels, which is right on these pre-aligned labels)
+        for m in ("hand", *(p for p in peers if p != "hftrainer")):
             assert dist[m] > 1e-3, m
         assert [row["k"] for row in res["memory"]] == [1, 2]
         for row in res["memory"]:
