@@ -70,10 +70,20 @@ def token_cross_entropy(
         :class:`LossSum` with a scalar sum and an int64 scalar tensor count (on the labels' device).
 
     Raises:
-        ValueError: the shapes of ``logits`` and ``labels`` do not line up.
+        LossError: (a ``ValueError``) ``logits`` is a model's output object rather than its
+            logits tensor (pass ``outputs.logits``), ``labels`` is not a tensor, or their shapes
+            do not line up.
     """
+    if not isinstance(logits, torch.Tensor):
+        hint = ("pass outputs.logits" if hasattr(logits, "logits") else
+                "pass the model's logits")
+        raise LossError(f"token_cross_entropy takes the logits tensor [..., vocab], got "
+                        f"{type(logits).__name__}; {hint}")
+    if not isinstance(labels, torch.Tensor):
+        raise LossError(f"token_cross_entropy takes labels as an integer tensor [...], got "
+                        f"{type(labels).__name__}")
     if logits.shape[:-1] != labels.shape:
-        raise ValueError(
+        raise LossError(
             f"logits shape {tuple(logits.shape)} does not match labels shape "
             f"{tuple(labels.shape)}: expected logits [..., vocab] with labels [...]"
         )

@@ -4,10 +4,17 @@ From one starting state, each optimizer step is taken twice — once with the wh
 single forward/backward (``∇(sum / count)``), once with the batch split into K micro-batches through
 the :class:`~bigbatch.Accumulator` — and the gradients the two optimizers receive and the parameters
 they produce are compared.
+
+Both copies run with dropout off (:mod:`bigbatch.dropout`): a full batch and K micro-batches cannot
+draw the same masks, and the comparison would measure the masks. Any randomness left is found by
+its effect (two forwards of one batch under different seeds) and refused. With ``precision`` bf16
+or fp16 both paths run under autocast, as ``bigbatch train`` does, and compare at the tolerance of
+that precision (:func:`default_rtol`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +23,9 @@ from typing import Any, Literal
 import torch
 
 from .batching import batch_rows
+from .dropout import switch_off_dropout
 from .engine import Accumulator, LossFn
+from .engine.precision import Precision
 from .errors import BigBatchError
 from .loss import LossSum
 from .plan import BatchPlan
@@ -71,6 +80,8 @@ class VerifyReport:
     k: int
     rtol: float
     normalization: str
+    precision: str = "fp32"
+    dropout_off: tuple[str, ...] = ()  # what was switched off in both copies (switch_off_dropout)
 
     @property
     def worst(self) -> float:
@@ -83,8 +94,8 @@ class VerifyReport:
         return self.worst <= self.rtol
 
 
-def default_rtol(dtype: torch.dtype) -> float:
-    """The pass threshold for ``verify`` with parameters in ``dtype``.
+def default_rtol(dtype: torch.dtype, precision: Precision = "fp32") -> float:
+    """The pass threshold for ``verify`` with parameters in ``dtype`` under ``precision``.
 
     Measured on the default workload (``bigbatch verify``: SGD with momentum, clip 1, 3 steps of
     padded batches): the exact engine's worst relative difference is 3.7e-15 in float64 and
@@ -93,12 +104,29 @@ def default_rtol(dtype: torch.dtype) -> float:
     In bfloat16 rounding alone differs by ~0.3, as much as the naive recipe (~0.36): no threshold
     tells them apart.
 
+    Under autocast (float32 parameters) each micro-batch's gradient is rounded to bf16/fp16 before
+    it is added, the full batch's once, and the two paths' forwards round differently. Measured
+    (SGD with momentum, clip 1): the exact engine's worst relative difference is 5.6e-3 in bf16
+    on the default workload (K = 2 and 4) and up to 7.2e-2 on a 2-layer test transformer whose
+    smallest gradients are mostly rounding; in fp16 9.6e-4 on the latter. The tolerances, 1e-1
+    for bf16 and 1e-2 for fp16, sit above those. The naive recipe reaches 0.26-2.8 on uneven
+    micro-batches and fails both, but on the default workload in bf16 it differs by 3.8e-2 and
+    passes: under bf16 a PASS says the engine works within rounding; only float32 and float64
+    tell exact from naive on every workload.
+
     Returns:
-        1e-10 for float64, 1e-4 for float32.
+        1e-10 for float64, 1e-4 for float32; under autocast (float32 parameters) 1e-1 for bf16,
+        1e-2 for fp16.
 
     Raises:
-        VerifyError: any other dtype.
+        VerifyError: any other dtype, or autocast with parameters that are not float32.
     """
+    if precision in _AUTOCAST_RTOL:
+        if dtype != torch.float32:
+            raise VerifyError(f"verify has no default tolerance for --precision {precision} with "
+                              f"{dtype} parameters; use --dtype float32 (as bigbatch train keeps "
+                              "them), or give --rtol")
+        return _AUTOCAST_RTOL[precision]
     if dtype == torch.float64:
         return 1e-10
     if dtype == torch.float32:
@@ -106,6 +134,11 @@ def default_rtol(dtype: torch.dtype) -> float:
     raise VerifyError(f"verify has no meaningful tolerance for {dtype} parameters (rounding "
                       "alone is as large as the naive recipe's error); use --dtype float32 or "
                       "float64, or give --rtol")
+
+
+_AUTOCAST_RTOL = {"bf16": 1e-1, "fp16": 1e-2}
+_FP16_RETRIES = 24  # halvings of the loss scale an fp16 step may need (65536 → 1/256)
+_AUTOCAST_DTYPE = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -131,7 +164,8 @@ class _GradCapture:
 
 def verify(model: torch.nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, plan: BatchPlan,
            make_optimizer: MakeOptimizer, rtol: float, clip: float | None = None,
-           normalization: Literal["exact", "naive"] = "exact") -> VerifyReport:
+           normalization: Literal["exact", "naive"] = "exact",
+           precision: Precision = "fp32") -> VerifyReport:
     """Take one optimizer step per batch both ways from the same start and compare.
 
     Args:
@@ -143,21 +177,39 @@ def verify(model: torch.nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, p
         rtol: pass when every relative gradient/parameter difference is at most this.
         clip: clip both paths' gradients to this norm.
         normalization: ``"naive"`` feeds the engine :func:`naive_loss` (to watch it fail).
+        precision: ``"bf16"`` / ``"fp16"``: both paths' forwards under autocast, as
+            ``bigbatch train`` runs them (fp16 with a loss scaler on each path); float32
+            parameters.
 
     Returns:
-        :class:`VerifyReport` with one row per step.
+        :class:`VerifyReport` with one row per step; ``dropout_off`` says what dropout was
+        switched off in both copies.
 
     Raises:
-        VerifyError: ``normalization`` is unknown; a batch does not fill exactly
+        VerifyError: ``normalization`` or ``precision`` is unknown, or autocast is asked for
+            float64 parameters (autocast leaves float64 math alone); the forward is random with
+            dropout off (two forwards of the first batch differ); a batch does not fill exactly
             ``plan.accum_steps`` micro-batches (the report would then claim a K it never ran);
-            a batch holds no items; or the engine skipped a step (non-finite loss or gradient).
+            a batch holds no items; or either path skipped a step (non-finite loss or gradient).
     """
     if normalization not in ("exact", "naive"):
         raise VerifyError(f"normalization must be 'exact' or 'naive', got {normalization!r}")
+    if precision not in _AUTOCAST_DTYPE:
+        raise VerifyError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    param = next(model.parameters())
+    if precision != "fp32" and param.dtype == torch.float64:
+        raise VerifyError(f"--precision {precision} autocasts float32 math; float64 parameters "
+                          "stay float64 under autocast: give --dtype float32")
     full, acc_model = copy.deepcopy(model), copy.deepcopy(model)
+    dropout_off = switch_off_dropout(full)
+    switch_off_dropout(acc_model)
+    amp = _autocast(param.device, precision)
+    if batches:
+        _refuse_randomness(full, model, batches[0], loss_fn, amp, rtol)
     opt_full, opt_acc = make_optimizer(full), make_optimizer(acc_model)
     cap_full, cap_acc = _GradCapture(opt_full), _GradCapture(opt_acc)
-    acc = Accumulator(acc_model, opt_acc, clip_grad_norm=clip)
+    scaler = torch.amp.GradScaler(param.device.type) if precision == "fp16" else None
+    acc = Accumulator(acc_model, opt_acc, clip_grad_norm=clip, precision=precision)
     engine_loss = naive_loss(loss_fn) if normalization == "naive" else loss_fn
     rows = []
     for step, batch in enumerate(batches, 1):
@@ -169,17 +221,12 @@ def verify(model: torch.nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, p
                 f"(K={plan.accum_steps} micro-batches of {plan.micro_batch}); give a batch of "
                 f"{plan.local_batch} rows, or --global-batch {n} and a --micro-batch dividing it"
             )
-        opt_full.zero_grad(set_to_none=True)
-        ls = loss_fn(full, batch)
-        count = int(ls.count)
-        if count == 0:
-            raise VerifyError(f"verify: global batch {step} holds no items to normalize by")
-        (ls.sum / count).backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(full.parameters(), clip)
-        opt_full.step()
         stats = acc.step(micro, engine_loss)
-        loss_full = ls.sum.item() / count
+        for _ in range(_FP16_RETRIES):  # as in train, an overflow halves the scale; here the
+            if stats.skip_reason != "fp16 overflow":  # same step is retried to stay aligned
+                break
+            stats = acc.step(micro, engine_loss)
+        loss_full = _full_step(full, opt_full, batch, loss_fn, step, clip, amp, scaler)
         ga, gb = cap_acc.grads, cap_full.grads
         if stats.skipped or not ga:
             raise VerifyError(f"verify: the engine skipped step {step} ({stats.skip_reason})")
@@ -195,13 +242,85 @@ def verify(model: torch.nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, p
                               for a, b in zip(acc_model.parameters(), full.parameters())),
             cosine=cosine,
         ))
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dtype = str(param.dtype).removeprefix("torch.")
     return VerifyReport(rows, dtype, plan.global_batch, plan.micro_batch, plan.accum_steps, rtol,
-                        normalization)
+                        normalization, precision, tuple(dropout_off))
+
+
+def _autocast(device: torch.device, precision: str) -> Callable[[], Any]:
+    """The forward's context: ``torch.autocast`` in bf16/fp16, as the engine and ``train``."""
+    dtype = _AUTOCAST_DTYPE[precision]
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _full_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Any, loss_fn: LossFn,
+               step: int, clip: float | None, amp: Callable[[], Any],
+               scaler: torch.amp.GradScaler | None) -> float:
+    """The reference: one forward and backward of the whole batch, ``∇(sum / count)``, clipped
+    and stepped (fp16: scaled, unscaled before clipping). Returns the mean loss."""
+    opt.zero_grad(set_to_none=True)
+    with amp():
+        ls = loss_fn(model, batch)
+    count = int(ls.count)
+    if count == 0:
+        raise VerifyError(f"verify: global batch {step} holds no items to normalize by")
+    loss = ls.sum / count
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if scaler is not None:
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
+                                              if p.grad is not None])
+        if not torch.isfinite(norm):
+            raise VerifyError(f"verify: the full-batch step {step} overflowed in fp16 (loss "
+                              f"scale {scaler.get_scale():g}); use --precision bf16")
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+    return ls.sum.item() / count
+
+
+def _refuse_randomness(model: torch.nn.Module, start: torch.nn.Module, batch: Any,
+                       loss_fn: LossFn, amp: Callable[[], Any], rtol: float) -> None:
+    """Two forwards of ``batch`` under different seeds must give the same loss.
+
+    Randomness other than dropout (noise layers, random masking, sampling) makes the full batch
+    and K micro-batches differ whatever accumulation does. The forwards run without gradient and
+    leave the global RNG as it was; ``model``'s buffers (BatchNorm statistics) are put back from
+    ``start``. The threshold is ``rtol`` or 1e-6, the smaller: a deterministic forward repeats
+    bit for bit.
+    """
+    device = next(model.parameters()).device
+    devices = [] if device.type == "cpu" else [device]
+    losses = []
+    with torch.random.fork_rng(devices=devices, device_type=device.type), torch.no_grad():
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            with amp():
+                ls = loss_fn(model, batch)
+            losses.append(float(ls.sum) / max(int(ls.count), 1))
+    with torch.no_grad():
+        for mine, theirs in zip(model.buffers(), start.buffers()):
+            mine.copy_(theirs)
+    a, b = losses
+    diff = abs(a - b) / max(abs(b), 1e-30)
+    if diff > min(rtol, 1e-6):
+        raise VerifyError(
+            f"verify: the model's forward is random: the first batch's loss is {a:.6g} and "
+            f"{b:.6g} under two seeds (relative difference {diff:.1e}) with dropout switched "
+            "off, so the full batch and K micro-batches cannot be compared; make the forward "
+            "deterministic for verify (switch off noise, random masking or sampling in "
+            "training mode)")
 
 
 def format_table(report: VerifyReport) -> str:
-    """A fixed-width table, one row per step, and a PASS/FAIL line."""
+    """A fixed-width table, one row per step, a line naming the dropout switched off (if any),
+    and a PASS/FAIL line stating the tolerance and the precision compared in."""
     head = (f"{'step':>4}  {'loss (full)':>12}  {'loss diff':>9}  {'grad max abs':>12}  "
             f"{'grad max rel':>12}  {'param max rel':>13}  {'cosine':>18}")
     lines = [head, "-" * len(head)]
@@ -209,11 +328,15 @@ def format_table(report: VerifyReport) -> str:
         lines.append(f"{r.step:>4}  {r.loss_full:>12.6f}  {r.loss_diff:>9.2e}  "
                      f"{r.grad_max_abs:>12.2e}  {r.grad_max_rel:>12.2e}  {r.param_max_rel:>13.2e}  "
                      f"{r.cosine:>18.15f}")
+    if report.dropout_off:
+        lines.append("dropout switched off in both copies (a full batch and K micro-batches "
+                     f"cannot draw the same masks): {'; '.join(report.dropout_off)}")
     verdict = "PASS" if report.passed else "FAIL"
     cmp = "<=" if report.passed else ">"
+    amp = "" if report.precision == "fp32" else f" under {report.precision} autocast"
     lines.append(
         f"{verdict}: worst relative difference {report.worst:.2e} {cmp} rtol {report.rtol:.0e} "
-        f"({report.dtype}, global batch {report.global_batch} = K={report.k} micro-batches of "
+        f"({report.dtype}{amp}, global batch {report.global_batch} = K={report.k} micro-batches of "
         f"{report.micro_batch}, {report.normalization} normalization)"
     )
     return "\n".join(lines)

@@ -50,6 +50,18 @@ def test_token_cross_entropy_shape_mismatch() -> None:
         token_cross_entropy(torch.randn(2, 4, 3), torch.zeros(2, 5, dtype=torch.long))
 
 
+def test_token_cross_entropy_names_the_logits_of_a_model_output() -> None:
+    """A Hugging Face ModelOutput (what ``model(...)`` returns) instead of its ``.logits``."""
+    outputs = pytest.importorskip("transformers.modeling_outputs")
+    logits, labels = torch.randn(2, 4, 3), torch.zeros(2, 4, dtype=torch.long)
+    out = outputs.CausalLMOutputWithPast(logits=logits)
+    with pytest.raises(LossError, match=r"got CausalLMOutputWithPast; pass outputs\.logits$"):
+        token_cross_entropy(out, labels)
+    with pytest.raises(LossError, match="takes labels as an integer tensor"):
+        token_cross_entropy(logits, labels.tolist())
+    assert token_cross_entropy(out.logits, labels).sum.item() > 0
+
+
 def test_from_mean() -> None:
     pred, y = torch.randn(4, 3), torch.randn(4, 3)
     ls = LossSum.from_mean(F.mse_loss(pred, y), y.numel())

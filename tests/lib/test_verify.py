@@ -6,6 +6,7 @@ import copy
 import sys
 import sysconfig
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -224,3 +225,114 @@ def test_load_factory_errors(factory_file: Path, spec: str, message: str) -> Non
     err = info.value  # no chained traceback: the user's own error is in the one line
     assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__)
     assert sys.path == path_before
+
+
+# --- dropout and other randomness ----------------------------------------------------------------
+
+
+class DropoutLM(TinyLM):
+    """TinyLM with dropout 0.1 wherever torch.nn gives it a place (3 Dropout modules and the
+    attention's float ``dropout`` per layer) and a Hugging Face-style config that holds one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(attn_pdrop=0.1, n_layer=2)
+        for m in self.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.1
+            elif isinstance(m, torch.nn.MultiheadAttention):
+                m.dropout = 0.1
+
+
+def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """An independent copy with dropout off, written out for DropoutLM."""
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        elif isinstance(m, torch.nn.MultiheadAttention):
+            m.dropout = 0.0
+    return ref
+
+
+@pytest.mark.parametrize("micro", [2, 8])  # K = 4, and K = 1 (which failed as well)
+def test_verify_switches_dropout_off_and_says_so(float64: None, micro: int) -> None:
+    model = DropoutLM()
+    batches = [lm_batch(8, lengths=[1, 0, 12, 3, 12, 12, 5, 7]), lm_batch(8)]
+    plan = BatchPlan(global_batch=8, micro_batch=micro, world_size=1)
+    report = verify(model, batches, lm_loss, plan=plan, make_optimizer=sgd, rtol=1e-10)
+    assert report.passed and report.worst <= 1e-10
+    assert report.dropout_off == ("6 Dropout modules (p=0.1)",
+                                  "2× MultiheadAttention.dropout=0.1", "config attn_pdrop")
+    lines = format_table(report).splitlines()
+    said = [line for line in lines if "dropout" in line]
+    assert len(said) == 1 and said[0].startswith("dropout switched off in both copies")
+    assert lines[-1].startswith("PASS")
+    # the reference loss is the dropout-free model's, computed independently
+    expected = lm_mean_loss(no_dropout(model), batches[0]).item()
+    assert report.rows[0].loss_full == pytest.approx(expected, rel=1e-12, abs=0)
+    # the user's model is untouched: it still trains with dropout
+    assert [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [0.1] * 6
+    assert model.config.attn_pdrop == 0.1 and model.blocks.layers[0].self_attn.dropout == 0.1
+
+
+def test_dropout_in_eval_mode_is_left_alone(float64: None) -> None:
+    model = DropoutLM().eval()
+    plan = BatchPlan(global_batch=8, micro_batch=2, world_size=1)
+    report = verify(model, [lm_batch(8)], lm_loss, plan=plan, make_optimizer=sgd, rtol=1e-10)
+    assert report.passed and report.dropout_off == ()
+    assert "dropout" not in format_table(report)
+
+
+class NoisyLM(TinyLM):
+    """Randomness that is not dropout: noise added to the logits in training mode."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = super().forward(ids)
+        return out + 0.1 * torch.randn_like(out) if self.training else out
+
+
+def test_other_randomness_is_refused_not_a_bare_fail(float64: None) -> None:
+    plan = BatchPlan(global_batch=8, micro_batch=2, world_size=1)
+    model, batch = NoisyLM(), lm_batch(8)
+    rng = torch.get_rng_state()
+    with pytest.raises(VerifyError, match=r"the model's forward is random: .* make the forward "
+                       "deterministic") as info:
+        verify(model, [batch], lm_loss, plan=plan, make_optimizer=sgd, rtol=1e-10)
+    assert "\n" not in str(info.value)
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe left the global RNG as it was
+
+
+# --- precision -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_verify_compares_under_autocast_at_a_stated_tolerance(precision: str) -> None:
+    torch.manual_seed(0)
+    model = TinyLM()  # float32, as bigbatch train keeps parameters under autocast
+    batches = [lm_batch(8, lengths=[1, 0, 12, 12, 2, 1, 12, 12]), lm_batch(8)]
+    plan = BatchPlan(global_batch=8, micro_batch=2, world_size=1)
+    rtol = default_rtol(torch.float32, precision)  # type: ignore[arg-type]
+    run = dict(plan=plan, make_optimizer=sgd, rtol=rtol, clip=1.0)
+    fp32 = verify(model, batches, lm_loss, **run)
+    amp = verify(model, batches, lm_loss, precision=precision, **run)  # type: ignore[arg-type]
+    assert amp.precision == precision and amp.passed
+    assert amp.worst > 10 * fp32.worst  # autocast really ran: its rounding shows
+    table = format_table(amp)
+    assert f"rtol {rtol:.0e} (float32 under {precision} autocast" in table.splitlines()[-1]
+    naive = verify(model, batches, lm_loss, precision=precision, normalization="naive",
+                   **run)  # type: ignore[arg-type]
+    assert not naive.passed and naive.worst > 2 * rtol
+
+
+def test_autocast_refuses_float64_and_unknown_precision(float64: None) -> None:
+    plan = BatchPlan(global_batch=8, micro_batch=2, world_size=1)
+    with pytest.raises(VerifyError, match="give --dtype float32"):
+        verify(TinyLM(), [lm_batch(8)], lm_loss, plan=plan, make_optimizer=sgd, rtol=1e-2,
+               precision="bf16")
+    with pytest.raises(VerifyError, match="precision must be"):
+        verify(TinyLM(), [lm_batch(8)], lm_loss, plan=plan, make_optimizer=sgd, rtol=1e-2,
+               precision="fp8")  # type: ignore[arg-type]
+    assert [default_rtol(torch.float32, p) for p in ("bf16", "fp16")] == [1e-1, 1e-2]
+    with pytest.raises(VerifyError, match="use --dtype float32"):
+        default_rtol(torch.float64, "bf16")

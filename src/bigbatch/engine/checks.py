@@ -1,8 +1,10 @@
-"""The engine's refusals: arguments it cannot run with, loss sums it cannot backpropagate."""
+"""The engine's refusals: arguments it cannot run with, a whole batch where a cycle of
+micro-batches belongs, loss sums it cannot backpropagate."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -10,7 +12,7 @@ import torch
 from ..errors import BigBatchError, LossError
 from ..loss import LossSum
 
-__all__ = ["check_args", "refuse_gradless"]
+__all__ = ["as_cycle", "check_args", "refuse_gradless"]
 
 
 def check_args(model: Any, optimizer: Any, clip: Any, on_nonfinite: Any) -> torch.device:
@@ -29,6 +31,22 @@ def check_args(model: Any, optimizer: Any, clip: Any, on_nonfinite: Any) -> torc
     if param is None:
         raise BigBatchError("model has no parameters to train")
     return param.device
+
+
+def as_cycle(micro_batches: Any, materialize: bool) -> Any:
+    """``micro_batches`` (a list when ``materialize``), unless it is one whole batch.
+
+    Iterating a dict gives its keys and a tensor its rows: either would reach the loss function
+    as a "micro-batch" and fail there with an error that does not name the mistake.
+    """
+    if isinstance(micro_batches, (Mapping, torch.Tensor, str, bytes)) or not isinstance(
+            micro_batches, Iterable):
+        kind = "dict" if isinstance(micro_batches, Mapping) else type(micro_batches).__name__
+        raise BigBatchError(
+            f"step() takes one cycle's micro-batches (a list of batches), got one whole batch "
+            f"({kind}); split it with bigbatch.BatchPlan(global_batch=G, micro_batch=M)"
+            ".split(batch), or pass [batch] for a cycle of one micro-batch")
+    return list(micro_batches) if materialize else micro_batches
 
 
 def refuse_gradless(ls: LossSum, in_group: bool) -> None:

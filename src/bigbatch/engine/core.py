@@ -34,7 +34,7 @@ import torch
 
 from ..errors import BigBatchError, NonFiniteError
 from ..loss import LossSum, check_loss
-from .checks import check_args, refuse_gradless
+from .checks import as_cycle, check_args, refuse_gradless
 from .features import BatchNormMode, make_features
 from .precision import Precision, PrecisionPolicy
 from .runner import OomMode, make_runner
@@ -119,14 +119,15 @@ class Accumulator:
             :class:`StepStats` of the step. If anything raises, the partial cycle is discarded.
 
         Raises:
+            BigBatchError: one whole batch (a dict or tensor) instead of a list of micro-batches.
             DistributedError: in a process group, the ranks hold different numbers of
                 micro-batches (raised on every rank, before any gradient collective).
         """
         try:
-            if self.sync.active:  # every rank must sync on the same micro-batch: agree on K
-                micro_batches = list(micro_batches)
-                self.sync.agree_on_micro_batches(len(micro_batches), self.device)
+            micro_batches = as_cycle(micro_batches, materialize=self.sync.active)
             n = len(micro_batches) if isinstance(micro_batches, Sized) else -1
+            if self.sync.active:  # every rank must sync on the same micro-batch: agree on K
+                self.sync.agree_on_micro_batches(n, self.device)
             if self._prescale is None:
                 self._expected_micro = max(n, 1)
             for i, batch in enumerate(micro_batches):
@@ -197,7 +198,8 @@ class Accumulator:
                 self.sync.reduce_unsynced(self.precision.grads(self._params()))
         count = int(self._count)
         loss = float(self._loss_sum) / count if count else math.nan
-        micro, lr, scale = self._micro, self._lr(), self.precision.loss_scale
+        micro, scale = self._micro, self.precision.loss_scale
+        lr = float(self.optimizer.param_groups[0]["lr"])
         grad_norm, reason, extra = math.nan, None, {}
         try:
             if count == 0:
@@ -343,9 +345,6 @@ class Accumulator:
 
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    def _lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
 
     def _reset_cycle(self) -> None:
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
