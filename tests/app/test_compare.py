@@ -24,15 +24,27 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> TrainConfig:
                        steps=4)
 
 
-def test_compare_three_runs(config: TrainConfig, tmp_path: Path) -> None:
+def test_compare_three_runs(config: TrainConfig, tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import bigbatch.app.compare as compare_module
+
+    engines: list[int] = []  # the full-batch arm is plain PyTorch: only two runs use the engine
+
+    class Counted(compare_module.Accumulator):
+        def __init__(self, *args, **kwargs) -> None:
+            engines.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "Accumulator", Counted)
     png = tmp_path / "c.png"
     lines: list[str] = []
     result = compare(config, steps=4, accum_steps=4, out_png=png, log=lines.append)
+    assert len(engines) == 2
     assert result.png == png and png.read_bytes()[:8] == PNG_MAGIC
     assert set(result.losses) == {"full batch", "bigbatch", "naive"}
     assert all(len(v) == 4 and all(math.isfinite(x) for x in v) for v in result.losses.values())
     assert result.distance["full batch"] == 0.0
-    assert result.distance["bigbatch"] < 1e-9  # float64: the same weights
+    assert result.distance["bigbatch"] < 1e-10  # float64: the same weights
     assert result.distance["naive"] > 1e-3  # the naive recipe drifted
     # the first loss is measured before any update: identical for all three runs
     first = {v[0] for v in result.losses.values()}
@@ -53,3 +65,20 @@ def test_compare_k_must_divide_the_global_batch(config: TrainConfig, tmp_path: P
     with pytest.raises(BatchPlanError, match="not divisible by accum_steps 3"):
         compare(config, steps=1, accum_steps=3, out_png=tmp_path / "x.png", log=lambda _: None)
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("steps", [3, 10, 40])
+def test_plot_labels_whole_optimizer_steps(tmp_path: Path, steps: int,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.pyplot as plt
+
+    from bigbatch.app.compare import CompareResult, _plot
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its ticks
+    curve = [1.0 / (i + 1) for i in range(steps)]
+    _plot(CompareResult({"full batch": curve, "bigbatch": curve, "naive": curve},
+                        {"full batch": 0.0, "bigbatch": 0.0, "naive": 0.1}, k=4,
+                        global_batch=8, steps=steps, png=tmp_path / "c.png"))
+    ticks = [t.get_text() for t in figures[0].axes[0].get_xticklabels()]
+    assert ticks and all(t.lstrip("−-").isdigit() for t in ticks), ticks

@@ -112,7 +112,16 @@ def test_a_sample_that_never_fits_stops_the_run_with_a_checkpoint(
     assert isinstance(info.value.__cause__, OutOfMemory)
 
 
-def test_checkpointed_activations_train_the_same_weights(tmp_path: Path, text: Path) -> None:
+def test_checkpointed_activations_train_the_same_weights(tmp_path: Path, text: Path,
+                                                        monkeypatch) -> None:
+    """With dropout, so the recomputation must replay the forward's masks; the negative twin
+    recomputes without restoring the random state (other masks in backward) and ends elsewhere."""
+    import functools
+
+    import bigbatch.app.models.gpt as gpt
+
+    # the command has no dropout flag: build its GPT with dropout 0.2
+    monkeypatch.setattr(workload, "GPTConfig", functools.partial(gpt.GPTConfig, dropout=0.2))
     outs = {}
     for flag in (False, True):
         out = tmp_path / f"ckpt{flag}"
@@ -120,6 +129,13 @@ def test_checkpointed_activations_train_the_same_weights(tmp_path: Path, text: P
         outs[flag] = load_file(str(out / "model.safetensors"))
     for name, w in outs[False].items():
         assert (w - outs[True][name]).abs().max() <= 1e-10 * w.abs().max(), name
+    monkeypatch.setattr(gpt, "checkpoint", functools.partial(gpt.checkpoint,
+                                                             preserve_rng_state=False))
+    out = tmp_path / "no-replay"
+    trainer.train(_config(out, text, checkpoint_activations=True), stream=io.StringIO())
+    bad = load_file(str(out / "model.safetensors"))
+    assert max(float((w - bad[n]).abs().max() / w.abs().max())
+               for n, w in outs[False].items()) > 1e-3
 
 
 def test_packing_by_tokens_trains_the_same_weights_with_fewer_padded_tokens(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -41,13 +42,65 @@ def split(batch, k: int):
     return list(zip(q.chunk(k), d.chunk(k)))
 
 
+def reference_info_nce(q: torch.Tensor, d: torch.Tensor, *, temperature: float = 0.05,
+                       symmetric: bool = False, normalize: bool = True) -> torch.Tensor:
+    """InfoNCE written from its formula, independently of bigbatch (no F.normalize, no
+    cross_entropy): s_ij = q_i·d_j / (|q_i||d_j| τ) (dot products / τ without normalize),
+    ℓ_i = log Σ_j exp(s_ij) − s_ii, the mean over rows (and over columns too when symmetric)."""
+    if normalize:
+        q = q / q.pow(2).sum(1, keepdim=True).sqrt()
+        d = d / d.pow(2).sum(1, keepdim=True).sqrt()
+    s = (q.unsqueeze(1) * d.unsqueeze(0)).sum(-1) / temperature  # s[i, j]
+    rows = torch.logsumexp(s, dim=1) - s.diagonal()
+    if not symmetric:
+        return rows.mean()
+    cols = torch.logsumexp(s, dim=0) - s.diagonal()
+    return (rows.sum() + cols.sum()) / (2 * len(q))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("temperature", [0.05, 1.0])
+def test_info_nce_matches_its_formula(symmetric: bool, normalize: bool,
+                                      temperature: float) -> None:
+    g = torch.Generator().manual_seed(5)
+    q0, d0 = torch.randn(7, 4, generator=g), torch.randn(7, 4, generator=g)
+    q, d = q0.clone().requires_grad_(), d0.clone().requires_grad_()
+    ls = info_nce(q, d, temperature=temperature, symmetric=symmetric, normalize=normalize)
+    assert int(ls.count) == 7 * (2 if symmetric else 1)
+    (ls.sum / ls.count).backward()
+    qr, dr = q0.clone().requires_grad_(), d0.clone().requires_grad_()
+    want = reference_info_nce(qr, dr, temperature=temperature, symmetric=symmetric,
+                              normalize=normalize)
+    want.backward()
+    assert float(ls.sum / ls.count) == pytest.approx(float(want), rel=RTOL)
+    assert max_rel_diff([q.grad, d.grad], [qr.grad, dr.grad]) <= RTOL
+    # the settings matter: a different temperature, or the other side, gives another loss
+    other = reference_info_nce(q0, d0, temperature=2 * temperature, symmetric=symmetric,
+                               normalize=normalize)
+    assert abs(float(other) - float(want)) > 1e-3
+    assert abs(float(reference_info_nce(q0, d0, temperature=temperature,
+                                        symmetric=not symmetric, normalize=normalize))
+               - float(want)) > 1e-3
+
+
+def test_info_nce_closed_form() -> None:
+    """Orthonormal queries and docs = queries: s_ii = 1/τ, s_ij = 0, so each row's loss is
+    log(e^{1/τ} + (n − 1)) − 1/τ."""
+    n, tau = 4, 0.5
+    q = torch.eye(n)
+    ls = info_nce(q, q.clone(), temperature=tau)
+    assert float(ls.sum) == pytest.approx(n * (math.log(math.exp(1 / tau) + n - 1) - 1 / tau),
+                                          rel=RTOL)
+
+
 def full_batch_grads(model, batch, symmetric: bool, seed: int) -> list[torch.Tensor]:
-    """The truth: one forward of the whole batch (one dropout draw per row, as pass 1 makes)."""
+    """The truth: one forward of the whole batch (one dropout draw per row, as pass 1 makes),
+    with the loss written from its formula (:func:`reference_info_nce`), not bigbatch's."""
     m = copy.deepcopy(model)
     torch.manual_seed(seed)
     q, d = batch
-    ls = info_nce(m(q), m(d), symmetric=symmetric)
-    (ls.sum / ls.count).backward()
+    reference_info_nce(m(q), m(d), symmetric=symmetric).backward()
     return [p.grad.clone() for p in m.parameters()]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
 from dist_worker import STEPS, WORLD, K, data, launch, lm_sum, model, sgd
 from reference import RTOL, concat, full_batch_train, lm_mean_loss, max_rel_diff
 from safetensors.torch import load_file
@@ -68,18 +69,56 @@ def test_matches_single_process_full_batch(case: str, tmp_path: Path) -> None:
         assert r["losses"] == pytest.approx(expected, rel=RTOL)
 
 
-def test_noise_scale_under_ddp_equals_one_process(tmp_path: Path) -> None:
-    """2 ranks × K micro-batches give the estimates of 1 process with the same 2K micro-batches."""
-    from bigbatch import Accumulator
-
-    ranks = results("noise", tmp_path)
+def noise_truth() -> list[list[float]]:
+    """The estimates from their definition, in plain PyTorch on one process (no bigbatch): each of
+    the 2K micro-batches' mean-loss gradient g_k over its B_k tokens, the full batch's g_N over N,
+    s = mean |g_k|², h = mean 1/B_k, tr Σ = (s − |g_N|²)/(h − 1/N), |G|² = |g_N|² − tr Σ/N;
+    then the full-batch SGD step, as training takes it."""
     m = model()
-    acc = Accumulator(m, sgd(m), noise_scale=True)
-    for step, got in zip(data(), ranks[0]["noise"]):
-        est = acc.step([mb for per_rank in step for mb in per_rank], lm_sum).noise
-        assert got == pytest.approx([est.grad_sq, est.trace, est.small_batch, est.big_batch],
-                                    rel=1e-9)
+    opt, out = sgd(m), []
+
+    def sq_norm_of_grad(loss: torch.Tensor) -> float:
+        m.zero_grad(set_to_none=True)
+        loss.backward()
+        return sum(float(p.grad.pow(2).sum()) for p in m.parameters() if p.grad is not None)
+
+    for step in data():
+        micro = [mb for per_rank in step for mb in per_rank]
+        counts = [int((mb["labels"] != -100).sum()) for mb in micro]
+        s = sum(sq_norm_of_grad(lm_mean_loss(m, mb)) for mb in micro) / len(micro)
+        h = sum(1 / b for b in counts) / len(micro)
+        n = sum(counts)
+        big = sq_norm_of_grad(lm_mean_loss(m, concat(micro)))
+        trace = (s - big) / (h - 1 / n)
+        out.append([big - trace / n, trace, 1 / h, n])
+        opt.step()  # on the full batch's gradient, still in .grad
+    return out
+
+
+def test_noise_scale_under_ddp_matches_its_definition(tmp_path: Path) -> None:
+    """2 ranks × K micro-batches give the estimates of the definition over all 2K micro-batches;
+    counting only one rank's micro-batches (the negative case) does not."""
+    ranks = results("noise", tmp_path)
+    want = noise_truth()
+    for got, w in zip(ranks[0]["noise"], want):
+        assert got == pytest.approx(w, rel=1e-9)
     assert ranks[0]["noise"] == ranks[1]["noise"]
+    # the negative case: the estimate of rank 0's own micro-batches alone (no all-reduce of the
+    # sums) is another number
+    m = model()
+    micro = data()[0][0]
+    counts = [int((mb["labels"] != -100).sum()) for mb in micro]
+    grads = []
+    for mb in micro:
+        m.zero_grad(set_to_none=True)
+        lm_mean_loss(m, mb).backward()
+        grads.append(sum(float(p.grad.pow(2).sum()) for p in m.parameters()))
+    m.zero_grad(set_to_none=True)
+    lm_mean_loss(m, concat(micro)).backward()
+    big = sum(float(p.grad.pow(2).sum()) for p in m.parameters())
+    h, n = sum(1 / b for b in counts) / len(micro), sum(counts)
+    local_trace = (sum(grads) / len(micro) - big) / (h - 1 / n)
+    assert abs(local_trace - want[0][1]) / abs(want[0][1]) > 1e-3
 
 
 def test_contrastive_gradient_cache_under_ddp(tmp_path: Path) -> None:
@@ -100,10 +139,23 @@ def test_contrastive_gradient_cache_under_ddp(tmp_path: Path) -> None:
     for r in ranks:
         assert max_rel_diff(r["params"], list(m.parameters())) <= RTOL
     assert ranks[0]["loss"] == pytest.approx(ls.sum.item() / ls.count, rel=RTOL)
+    # the negative case: each rank's own rows as its only negatives (no all-gather), the
+    # per-rank mean losses averaged by DDP, takes another step
+    local = contrastive_model()
+    for lo, hi in ((0, 8), (8, 24)):
+        ls = info_nce(*local(q[lo:hi], d[lo:hi]), symmetric=True)
+        (ls.sum / ls.count / 2).backward()
+    with torch.no_grad():
+        for p in local.parameters():
+            p -= 0.5 * p.grad
+    assert max_rel_diff(list(local.parameters()), list(m.parameters())) > 1e-3
 
 
-def test_naive_recipe_under_ddp_differs(tmp_path: Path) -> None:
-    ranks = results("ddp_naive", tmp_path)
+@pytest.mark.parametrize("case", ["ddp_naive", "fsdp2_cycle_naive", "fsdp2_micro_naive"])
+def test_naive_recipe_differs(case: str, tmp_path: Path) -> None:
+    """The negative twins of test_matches_single_process_full_batch: the same runs with each
+    micro-batch's own token mean, / K (and averaged over ranks), end elsewhere."""
+    ranks = results(case, tmp_path)
     assert max_rel_diff(ranks[0]["params"], list(truth().parameters())) > 1e-3
 
 
@@ -133,6 +185,14 @@ def test_one_rank_out_of_memory_mid_cycle_stays_exact(tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
 
 
+def test_out_of_memory_retry_that_adds_twice_under_ddp_differs(tmp_path: Path) -> None:
+    """The negative twin: the same run, with the split's halves adding their gradient to the
+    parameters the failed backward had already reached, is no longer the full batch."""
+    ranks = results("ddp_oom_forgetful", tmp_path)
+    assert ranks[1]["raised"] == 2
+    assert max_rel_diff(ranks[0]["params"], list(truth().parameters())) > 1e-3
+
+
 def test_ranks_with_different_micro_batch_counts_stop_together(tmp_path: Path) -> None:
     ranks = results("uneven", tmp_path)
     for r in ranks:
@@ -145,6 +205,33 @@ def test_unsupported_setups_are_refused(tmp_path: Path) -> None:
     assert "plain TinyLM in a process group of 2 ranks" in r["plain"]
     assert "DistributedDataParallel" in r["plain"]
     assert "pass last=True" in r["fsdp2_no_last"]
+    assert "oom='split' is not available here: FSDP2" in r["split_fsdp2"]
+    assert "broadcast_buffers=False" in r["split_ddp_buffers"]
+    assert r["split_ddp_no_broadcast"] is True  # the way out the message names works
+
+
+def test_fsdp1_is_refused() -> None:
+    """FSDP1 cannot be built without an accelerator; the refusal reads only the model's type, so
+    an instance made without FSDP1's own __init__ is enough on CPU."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from bigbatch import Accumulator
+    from bigbatch.engine.sync import DistributedError
+
+    class Unbuilt(FullyShardedDataParallel):
+        __getattr__ = torch.nn.Module.__getattr__
+        named_parameters = torch.nn.Module.named_parameters
+        named_buffers = torch.nn.Module.named_buffers
+
+        def __init__(self, inner: torch.nn.Module) -> None:
+            torch.nn.Module.__init__(self)
+            self.inner = inner
+
+    inner = torch.nn.Linear(2, 2)
+    fsdp1 = Unbuilt(inner)
+    with pytest.raises(DistributedError, match=r"FSDP1 \(FullyShardedDataParallel\) is not "
+                                               "supported: wrap the model with"):
+        Accumulator(fsdp1, torch.optim.SGD(inner.parameters(), lr=0.1))
 
 
 def test_single_process_without_group_is_unchanged() -> None:
@@ -185,6 +272,17 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def reference(data_path: Path, steps: int) -> dict[str, torch.Tensor]:
+    """The independent plain PyTorch full-batch run of TINY's settings (tests/support/appref.py)."""
+    from appref import full_batch_weights
+
+    truth, _ = full_batch_weights(
+        data=str(data_path), steps=steps, n_layer=1, d_model=32, n_head=2, seq_len=32,
+        eval_samples=8, eval_every=10, device="cpu", global_batch=16, micro_batch=2, warmup=2,
+        dtype="float64")
+    return truth
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
     out = tmp_path_factory.mktemp("one") / "run"
@@ -204,6 +302,11 @@ def test_torchrun_is_world_size_invariant_and_resumes(parallel: str, tmp_path: P
     assert "× 2 ranks" in r.stderr and r.stdout.count("run folder:") == 1  # rank 0 speaks
     assert json.loads((out / "run.json").read_text())["accum_steps"] == 4
     assert max_rel_diff(weights(out), weights(one_process)) <= RTOL
+    from appref import max_rel_diff_named  # and both equal plain PyTorch on the full batch
+
+    truth = reference(corpus, 4)
+    assert max_rel_diff_named(load_file(str(out / "model.safetensors")), truth) <= RTOL
+    assert max_rel_diff_named(load_file(str(one_process / "model.safetensors")), truth) <= RTOL
     # lose the last checkpoint and the weights, and resume on 2 ranks from step 2
     shutil.rmtree(out / "checkpoints" / "step-00000004-micro-0000")
     (out / "model.safetensors").unlink()
@@ -211,6 +314,22 @@ def test_torchrun_is_world_size_invariant_and_resumes(parallel: str, tmp_path: P
     assert r.returncode == 0, r.stderr
     assert "resuming from step-00000002-micro-0000" in r.stderr
     assert max_rel_diff(weights(out), weights(one_process)) <= RTOL
+
+
+def test_torchrun_micro_batch_auto_agrees_on_one_choice(tmp_path: Path, corpus: Path) -> None:
+    """--micro-batch auto on 2 ranks: every rank plans, all take one size (rank 0 reports it), and
+    the run is still the full batch's (tests/support/appref.py)."""
+    from appref import max_rel_diff_named
+
+    out = tmp_path / "run"
+    r = bigbatch("train", "--data", str(corpus), "--steps", "2", "--out", str(out), *TINY,
+                 "--micro-batch", "auto", "--memory", "64GiB", world=2)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("chosen: micro-batch") == 1
+    saved = yaml.safe_load((out / "config.yaml").read_text())["batch"]
+    assert saved["micro_batch"] in (1, 2, 4, 8) and saved["global_batch"] == 16
+    assert max_rel_diff_named(load_file(str(out / "model.safetensors")),
+                              reference(corpus, 2)) <= RTOL
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +353,11 @@ def test_torchrun_packed_by_tokens_matches_one_process_fixed_split(tmp_path: Pat
     assert r.returncode == 0, r.stderr
     assert "packed by length into micro-batches of at most 64 tokens" in r.stderr
     assert max_rel_diff(weights(packed), weights(fixed)) <= RTOL
+    from appref import max_rel_diff_named  # and both equal plain PyTorch on the full batch
+
+    truth = reference(ragged, 3)
+    assert max_rel_diff_named(load_file(str(packed / "model.safetensors")), truth) <= RTOL
+    assert max_rel_diff_named(load_file(str(fixed / "model.safetensors")), truth) <= RTOL
 
 
 def test_torchrun_refuses_mid_cycle_checkpoints_under_fsdp2(tmp_path: Path,

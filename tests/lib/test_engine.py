@@ -150,7 +150,13 @@ def test_tail_cycle_is_normalized_by_what_it_holds() -> None:
     got, stats = train_engine(model, OPTIMIZERS["adamw"], cycles, lm_loss)
     assert max_rel_diff(got, truth) <= RTOL
     assert stats[-1].micro_batches == 3
-    # dividing the tail by the nominal K instead (Lightning #19987) would under-weight it
+    # the negative case: the tail divided by the nominal K (Lightning #19987), i.e. its mean
+    # scaled by 3/4, is under-weighted and ends elsewhere
+    def nominal_k(m, batch):
+        return lm_mean_loss(m, batch) * batch["labels"].shape[0] / (4 * 4)
+
+    nominal = full_batch_train(model, OPTIMIZERS["adamw"], cycles, nominal_k)
+    assert max_rel_diff(nominal, truth) > 1e-3
     drop = BatchPlan(micro_batch=4, accum_steps=4, world_size=1, tail="drop")
     assert [len(c) for c in drop.cycles(micro)] == [4]
 
@@ -233,6 +239,25 @@ def test_empty_cycle_list_is_skipped() -> None:
     model = mlp()
     stats = Accumulator(model, OPTIMIZERS["sgd"](model)).step([], mlp_loss)
     assert stats.skipped and stats.skip_reason == "no items" and stats.micro_batches == 0
+
+
+@pytest.mark.parametrize("whole", ["dict", "tensor"])
+def test_a_whole_batch_instead_of_micro_batches_is_refused_in_one_line(whole: str) -> None:
+    """Iterating a dict gives its keys ("string indices must be integers" in the loss), a tensor
+    its rows: both are refused before any forward, with what to pass instead."""
+    model = TinyLM()
+    before = copy.deepcopy(model)
+    acc = Accumulator(model, OPTIMIZERS["sgd"](model))
+    batch = lm_batch(4) if whole == "dict" else torch.randint(0, 32, (4, 12))
+    with pytest.raises(bigbatch.BigBatchError) as info:
+        acc.step(batch, lm_loss)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"got one whole batch ({'dict' if whole == 'dict' else 'Tensor'})" in message
+    assert ".split(batch)" in message and "[batch]" in message
+    assert acc.steps_taken == acc.steps_skipped == 0 and max_rel_diff(model, before) == 0.0
+    if whole == "dict":  # the same batch as a cycle of one micro-batch is what was meant
+        assert not acc.step([batch], lm_loss).skipped
 
 
 def test_from_mean_with_zero_count_contributes_nothing() -> None:

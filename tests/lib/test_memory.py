@@ -59,8 +59,15 @@ def test_saved_bytes_of_a_linear_stack_are_the_analytic_count(batch: int) -> Non
     x = torch.randn(batch, widths[0])
     saved = saved_activation_bytes(model, lambda: (model(x) ** 2).sum())
     assert saved == batch * sum(widths) * 8
-    # the same model with a biased first layer keeps exactly the same tensors
-    assert saved == saved_activation_bytes(model, lambda: model(x).pow(2).sum())
+    # the same stack with a biased first layer keeps exactly the same tensors (a bias's gradient
+    # is a sum over the batch: nothing more is saved for it)
+    biased = linear_stack(widths)
+    biased[0] = torch.nn.Linear(widths[0], widths[1], bias=True)
+    assert biased[0].bias is not None
+    assert saved_activation_bytes(biased, lambda: (biased(x) ** 2).sum()) == saved
+    # the count sees what is saved: a sine after the output keeps its input, one more tensor
+    more = saved_activation_bytes(model, lambda: (torch.sin(model(x)) ** 2).sum())
+    assert more == saved + batch * widths[-1] * 8
 
 
 def lm(model: torch.nn.Module, batch: torch.Tensor) -> LossSum:

@@ -25,3 +25,8 @@ def test_short_run_improves_retrieval() -> None:
     assert set(rows) == {"untrained", "bigbatch (exact, gradient caching)",
                          "naive (per-micro-batch negatives)"}
     assert rows["bigbatch (exact, gradient caching)"] > rows["untrained"]
+    # Not asserted against the naive run: 3 steps scored on 96 held-out pairs separate the two by
+    # a few thousandths of MRR, either way (one run here: bigbatch 0.770, naive 0.775), which is
+    # noise, not the rule. The rule — the exact full-batch contrastive gradient, which the naive
+    # per-micro-batch negatives miss — is tested against an independent full batch in
+    # tests/lib/test_contrastive.py and, under DDP, in tests/lib/test_distributed.py.

@@ -8,6 +8,7 @@ import gc
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -116,6 +117,14 @@ def case_fsdp2_micro() -> dict:
     return _train(_fsdp2, "micro")
 
 
+def case_fsdp2_cycle_naive() -> dict:
+    return _train(_fsdp2, "cycle", naive=True)
+
+
+def case_fsdp2_micro_naive() -> dict:
+    return _train(_fsdp2, "micro", naive=True)
+
+
 def _count_syncs(sync: str, oom: str = "raise") -> dict:
     """Which micro-batch each DDP gradient all-reduce (one comm-hook call per bucket) ran in."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -158,9 +167,12 @@ def case_syncs_micro() -> dict:
     return _count_syncs("micro")
 
 
-def case_ddp_oom() -> dict:
+def case_ddp_oom(forget_reached: bool = False) -> dict:
     """Only rank 1 runs out of memory (first in a forward, then in backwards, mid-cycle): it
-    splits its micro-batches on its own and the step is still the full-batch one."""
+    splits its micro-batches on its own and the step is still the full-batch one.
+
+    ``forget_reached``: the negative case — the runner no longer knows which parameters the failed
+    backward had already reached, so the halves add their gradient there a second time."""
     from reference import FaultyLM
 
     from bigbatch import Accumulator
@@ -169,6 +181,8 @@ def case_ddp_oom() -> dict:
     inner = FaultyLM()
     net = _ddp(inner)
     acc = Accumulator(net, sgd(net), clip_grad_norm=0.5, oom_regrow_after=1)
+    if forget_reached:
+        acc.runner.reached = lambda: []  # type: ignore[method-assign]
     calls = {"n": 0}
 
     def loss_fn(m, batch):  # step 1: calls 1-6 (2 fails in its forward); step 2: 7-12 in
@@ -182,6 +196,10 @@ def case_ddp_oom() -> dict:
     return {"params": [p.detach().clone() for p in inner.lm.parameters()],
             "losses": [s.loss for s in stats], "splits": [s.oom_splits for s in stats],
             "raised": inner.limits["raised"]}
+
+
+def case_ddp_oom_forgetful() -> dict:
+    return case_ddp_oom(forget_reached=True)
 
 
 def case_noise() -> dict:
@@ -272,7 +290,35 @@ def case_refusals() -> dict:
         acc.finish()
     except DistributedError as e:
         out["fsdp2_no_last"] = str(e)
+    out.update(_oom_and_fsdp1_refusals())
     return out
+
+
+def _oom_and_fsdp1_refusals() -> dict:
+    """Splitting after out-of-memory is refused under FSDP2 and under DDP broadcasting buffers
+    (allowed with broadcast_buffers=False)."""
+    from bigbatch import Accumulator, BigBatchError
+
+    out = {}
+    for name, build in {
+        "split_fsdp2": lambda: _fsdp2(model()),
+        "split_ddp_buffers": lambda: _ddp(_with_buffers()),
+    }.items():
+        net = build()
+        try:
+            Accumulator(net, sgd(net), oom="split")
+        except BigBatchError as e:
+            out[name] = str(e)
+    with warnings.catch_warnings():  # newer torch renames the flag; the old one still works
+        warnings.simplefilter("ignore", FutureWarning)
+        net = torch.nn.parallel.DistributedDataParallel(_with_buffers(), broadcast_buffers=False)
+    out["split_ddp_no_broadcast"] = Accumulator(net, sgd(net), oom="split").runner.split
+    return out
+
+
+def _with_buffers() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).double()
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
 """``bigbatch compare``: full batch, bigbatch accumulation and the naive recipe, side by side.
 
 The same model (same initialization) trains three times on the same padded, variable-length global
-batches: with K=1 (the truth), with K micro-batches normalized by the true token count (bigbatch),
-and with K micro-batches each normalized by its own token mean and divided by K (the recipe the
-popular trainers used until 2024). The first two end at the same weights up to float rounding; the
-third drifts.
+batches: in one plain PyTorch step per global batch (the truth, with no bigbatch code in the step:
+mean cross-entropy over the batch's real tokens, ``backward``, ``clip_grad_norm_``, ``step``), with
+K micro-batches normalized by the true token count (bigbatch), and with K micro-batches each
+normalized by its own token mean and divided by K (the recipe the popular trainers used until
+2024). The first two end at the same weights up to float rounding; the third drifts.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..engine import Accumulator
-from ..loss import LossSum
+from ..loss import IGNORE_INDEX, LossSum
 from ..plan import BatchPlan
 from ..verify import naive_loss
 from .config import TrainConfig
@@ -93,9 +95,7 @@ def compare(config: TrainConfig, *, steps: int, accum_steps: int, out_png: Path,
         ConfigError, DataError: the device or the data cannot be had.
     """
     g = config.plan().global_batch
-    plans = {"full batch": BatchPlan(global_batch=g, accum_steps=1, world_size=1),
-             "bigbatch": BatchPlan(global_batch=g, accum_steps=accum_steps, world_size=1)}
-    plans["naive"] = plans["bigbatch"]
+    plan = BatchPlan(global_batch=g, accum_steps=accum_steps, world_size=1)
     work = build_workload(config)
     start = copy.deepcopy(work.model)
     order = global_batches(len(work.train), g, config.runtime.seed)
@@ -105,6 +105,11 @@ def compare(config: TrainConfig, *, steps: int, accum_steps: int, out_png: Path,
     models: dict[str, torch.nn.Module] = {}
     for name in RUNS:
         model = copy.deepcopy(start)
+        if name == "full batch":
+            losses[name] = _full_batch(model, config, map(work.to_device, batches))
+            models[name] = model
+            log(f"{name}: K=1, final training loss {losses[name][-1]:.4f}")
+            continue
         opt = make_optimizer(model, config)
         acc = Accumulator(model, opt, scheduler=make_scheduler(opt, config),
                           clip_grad_norm=config.optim.clip_norm,
@@ -113,10 +118,10 @@ def compare(config: TrainConfig, *, steps: int, accum_steps: int, out_png: Path,
         loss_fn = naive_loss(true_loss) if name == "naive" else true_loss
         curve = []
         for batch in batches:
-            acc.step(plans[name].split(work.to_device(batch)), loss_fn)
+            acc.step(plan.split(work.to_device(batch)), loss_fn)
             curve.append(true_loss.take())
         losses[name], models[name] = curve, model
-        log(f"{name}: K={plans[name].accum_steps}, final training loss {curve[-1]:.4f}")
+        log(f"{name}: K={accum_steps}, final training loss {curve[-1]:.4f}")
     moved = _distance(models["full batch"], start)
     distance = {name: _distance(models[name], models["full batch"]) / moved for name in RUNS}
     result = CompareResult(losses, distance, accum_steps, g, steps, out_png)
@@ -124,11 +129,47 @@ def compare(config: TrainConfig, *, steps: int, accum_steps: int, out_png: Path,
     return result
 
 
+def _full_batch(model: torch.nn.Module, config: TrainConfig, batches: Any) -> list[float]:
+    """The reference arm in plain PyTorch (no bigbatch code in the step): per global batch, the
+    mean cross-entropy over its real tokens, one backward, ``clip_grad_norm_``, one optimizer and
+    scheduler step. Returns each step's loss, measured before its update."""
+    opt, clip = make_optimizer(model, config), config.optim.clip_norm
+    sched = make_scheduler(opt, config)
+    device = next(model.parameters()).device
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.runtime.precision)
+    scaler = torch.amp.GradScaler(device.type) if config.runtime.precision == "fp16" else None
+    curve = []
+    for batch in batches:
+        with torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None):
+            logits = model(batch["input_ids"])
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        loss = F.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten(),
+                               ignore_index=IGNORE_INDEX)
+        curve.append(float(loss.detach()))
+        opt.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if scaler:
+            scale = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            if scaler.get_scale() < scale:  # an overflow skipped the step: not the scheduler
+                continue
+        else:
+            opt.step()
+        sched.step()
+    return curve
+
+
 def _plot(result: CompareResult) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = range(1, result.steps + 1)
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
@@ -144,6 +185,7 @@ def _plot(result: CompareResult) -> None:
             + text, transform=ax.transAxes, ha="right", va="top", fontsize=8,
             bbox={"boxstyle": "round", "fc": "white", "ec": "0.7"})
     ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no "2.5"
     ax.set_ylabel("training loss (exact token mean)")
     ax.set_title(f"global batch {result.global_batch}: full batch vs K={result.k} micro-batches "
                  "(padded, variable-length sequences)", fontsize=10)
