@@ -8,7 +8,9 @@
   down to a whole number of micro-batches on every rank;
 * ``"adaptive:KMIN:KMAX:EVERY"``: K follows the smoothed gradient noise scale ``B_simple`` (see
   :mod:`bigbatch.noise`): the global batch closest to ``B_simple`` (converted from items to
-  samples), within ``[KMIN, KMAX]``, changed at most every EVERY steps.
+  samples), within ``[KMIN, KMAX]``, changed at most every EVERY steps. KMIN is at least 2: the
+  noise scale is measured from the spread of a step's micro-batch gradients, so a step of one
+  micro-batch measures nothing and K would stay at 1 for good.
 
 The learning-rate schedule stays keyed on optimizer steps; :func:`lr_factor` gives the optional
 batch-size scaling (``linear``: ∝ global batch, ``sqrt``: ∝ √global batch) relative to the
@@ -122,12 +124,19 @@ def parse_accum_schedule(spec: str, *, micro_batch: int, world_size: int,
                                  k_final=k_final, k=max(1, start // micro_samples))
         if head == "adaptive":
             k_min, k_max, every = (int(v) for v in rest.split(":"))
-            if not 1 <= k_min <= k_max or every < 1:
-                raise ScheduleError(f"--accum-schedule {spec}: need 1 <= KMIN <= KMAX and "
+            if k_min < 2:  # one micro-batch measures no noise scale: K would freeze there
+                raise ScheduleError(
+                    f"--accum-schedule {spec}: KMIN must be at least 2, since the noise scale "
+                    "that steers K is measured across a step's micro-batches and K=1 would "
+                    f"never measure it again; give adaptive:2:{max(k_max, 2)}:{every}")
+            if not k_min <= k_max or every < 1:
+                raise ScheduleError(f"--accum-schedule {spec}: need 2 <= KMIN <= KMAX and "
                                     "EVERY >= 1")
             return AccumSchedule("adaptive", micro_samples, k_min=k_min, k_max=k_max,
                                  every=every, k=max(k_min, min(k_max, k_final)))
         table = tuple((int(a), int(b)) for a, b in (item.split(":") for item in spec.split(",")))
+    except ScheduleError:
+        raise  # (a ValueError too) already says what is wrong
     except ValueError:
         raise ScheduleError(f"--accum-schedule {spec!r} is not understood; {forms}") from None
     steps = [s for s, _ in table]

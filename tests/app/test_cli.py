@@ -71,7 +71,15 @@ def test_train_is_deterministic(tmp_path: Path, text: Path) -> None:
 
 
 def test_splitting_never_changes_what_is_learned(tmp_path: Path, text: Path) -> None:
-    base = ["train", "--data", str(text), "--steps", "3", "--dtype", "float64", "--warmup", "0",
+    """Micro-batch 8 and 2 at global batch 8 both end at the weights of an independent plain
+    PyTorch full-batch run (tests/support/appref.py) in float64; the naive recipe does not."""
+    from appref import full_batch_weights, max_rel_diff_named
+
+    # one document per line: padded rows of very different lengths, so the split matters
+    ragged = tmp_path / "lines.jsonl"
+    ragged.write_text("".join(json.dumps({"text": x}) + "\n"
+                              for x in text.read_text().splitlines() if len(x) > 1))
+    base = ["train", "--data", str(ragged), "--steps", "3", "--dtype", "float64", "--warmup", "0",
             "--global-batch", "8", "--eval-every", "0", *TINY]
     outs = {}
     for micro in ("8", "2"):
@@ -79,14 +87,20 @@ def test_splitting_never_changes_what_is_learned(tmp_path: Path, text: Path) -> 
         r = run(*base, "--micro-batch", micro, "--out", str(out))
         assert r.returncode == 0, r.stderr
         outs[micro] = load_file(str(out / "model.safetensors"))
-    start = tmp_path / "start"
-    r = run(*base, "--micro-batch", "8", "--steps", "1", "--lr", "1e-9", "--out", str(start))
-    for name, full in outs["8"].items():
-        split = outs["2"][name]
-        assert (split - full).abs().max() <= 1e-10 * full.abs().max(), name
+    truth, start = full_batch_weights(
+        data=str(ragged), steps=3, dtype="float64", warmup=0, global_batch=8, micro_batch=8,
+        eval_samples=16,
+        n_layer=1, d_model=32, n_head=2, seq_len=32, device="cpu")
+    for micro in ("8", "2"):
+        assert max_rel_diff_named(outs[micro], truth) <= 1e-10, micro
     # and the runs moved: comparing weights that never changed would prove nothing
-    moved = load_file(str(start / "model.safetensors"))
-    assert max(float((outs["8"][n] - moved[n]).abs().max()) for n in moved) > 1e-3
+    assert max_rel_diff_named(outs["8"], start) > 1e-3
+    # the negative case: the mean of 4 micro-batch means (plain PyTorch) ends elsewhere
+    naive, _ = full_batch_weights(
+        naive_k=4, data=str(ragged), steps=3, dtype="float64", warmup=0, global_batch=8,
+        eval_samples=16,
+        micro_batch=8, n_layer=1, d_model=32, n_head=2, seq_len=32, device="cpu")
+    assert max_rel_diff_named(outs["2"], naive) > 1e-3
 
 
 def test_verify_passes_in_float64_and_fails_naive() -> None:
@@ -127,7 +141,7 @@ BAD = [
     (["train", "--micro-batch", "-2"], "--micro-batch must be positive or auto, got -2"),
     (["train", "--global-batch", "30"], "give --micro-batch or --accum-steps to cut global"),
     (["verify", "--warmup", "3"], "bigbatch verify does not use --warmup (bigbatch train does)"),
-    (["verify", "--precision", "bf16"], "bigbatch verify does not use --precision"),
+    (["verify", "--lr-scaling", "sqrt"], "bigbatch verify does not use --lr-scaling"),
     (["compare", "--accum-schedule", "ramp:8:64"], "bigbatch compare does not use"),
     (["plan", "--micro-batch", "4"], "bigbatch plan chooses the micro-batch and K itself"),
     (["train", "--lr", "-1"], "--lr must be a positive finite number"),

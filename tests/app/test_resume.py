@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runcli import run
 from safetensors.torch import load_file
 
 import bigbatch.app.trainer as trainer
@@ -199,7 +201,7 @@ def test_signal_stops_with_checkpoint_and_resume_line(tmp_path: Path, text: Path
 def test_corrupt_newest_checkpoint_falls_back_and_stays_exact(tmp_path: Path,
                                                               text: Path) -> None:
     base = ["--data", str(text), "--save-every", "2", "--keep", "3",
-            "--accum-schedule", "adaptive:1:6:2", *TINY]
+            "--accum-schedule", "adaptive:2:6:2", *TINY]
     ref = tmp_path / "ref"
     assert subprocess.run(command(*base, "--steps", "6", "--out", str(ref)),
                           capture_output=True).returncode == 0
@@ -232,9 +234,9 @@ def test_resume_errors(tmp_path: Path, text: Path) -> None:
     r = subprocess.run(command("--resume", str(tmp_path / "none")), capture_output=True,
                        text=True)
     assert r.returncode == 2 and "no config.yaml there" in r.stderr
-    r = subprocess.run(command("--resume", str(tmp_path), "--steps", "5"), capture_output=True,
+    r = subprocess.run(command("--resume", str(tmp_path), "--lr", "0.1"), capture_output=True,
                        text=True)
-    assert r.returncode == 2 and "drop --steps" in r.stderr
+    assert r.returncode == 2 and "drop --lr" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
@@ -317,4 +319,139 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path: Path, text: Pat
     r = subprocess.run(command("--resume", str(out)), capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "does not fit this run" in r.stderr and "config.yaml edited" in r.stderr
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert {p: p.read_bytes() for p in out.rglob("*")
+            if p.is_file() and p.name != ".lock"} == before
+
+
+# -- a diverged run stops (--max-skips), and never exits 0 ---------------------------------------
+
+def _tiny(text: Path, out: Path, *args: str) -> list[str]:
+    return ["train", "--data", str(text), *TINY, "--out", str(out), *args]
+
+
+def test_a_diverged_run_stops_after_max_skips_with_a_checkpoint(tmp_path: Path,
+                                                                text: Path) -> None:
+    out = tmp_path / "run"
+    r = run(*_tiny(text, out, "--lr", "1e8", "--steps", "40", "--max-skips", "3"))
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("bigbatch: stopped: 3 optimizer steps in a row skipped "
+                           "(--on-nonfinite skip), the --max-skips 3 limit"), last
+    assert "raise --max-skips (0: no limit)" in last and "Traceback" not in r.stderr
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["skipped"] for r in recs if r["kind"] == "train"]
+    assert skipped[-3:] == [True] * 3 and len(skipped) < 40
+    step = len(skipped)
+    assert list_checkpoints(out / "checkpoints")[-1].name == f"step-{step:08d}-micro-0000"
+    assert not (out / "model.safetensors").exists()
+
+
+def test_a_run_that_ends_on_a_nonfinite_loss_exits_1(tmp_path: Path, text: Path) -> None:
+    r = run(*_tiny(text, tmp_path / "run", "--lr", "1e8", "--steps", "6", "--max-skips", "0"))
+    assert r.returncode == 1, r.stderr
+    assert "final validation loss is nan" in r.stderr and "lower --lr" in r.stderr
+
+
+def test_nonfinite_stop_names_the_flags_a_cli_user_types(tmp_path: Path, text: Path) -> None:
+    r = run(*_tiny(text, tmp_path / "run", "--lr", "1e8", "--steps", "6", "--on-nonfinite",
+                   "stop"))
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "(--on-nonfinite skip)" in last and "Lower --lr" in last, last
+    assert "on_nonfinite" not in r.stderr
+
+
+# -- a run made longer: --resume RUN --steps N ---------------------------------------------------
+
+def test_raising_steps_on_resume_extends_the_run_bitwise(tmp_path: Path, text: Path) -> None:
+    """A finished run of 3 steps extended to 5 is bitwise the run of 5 steps (with a schedule
+    that does not depend on the total); config.yaml gets the new total, the rest as it was."""
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    constant = ("--schedule", "constant")
+    assert run(*_tiny(text, ref, *constant, "--steps", "5")).returncode == 0
+    assert run(*_tiny(text, out, *constant, "--steps", "3")).returncode == 0
+    config = out / "config.yaml"
+    config.write_text("# my note\n" + config.read_text())
+    before = config.read_text().splitlines()
+    r = run("train", "--resume", str(out), "--steps", "5")
+    assert r.returncode == 0, r.stderr
+    assert "extending the run from 3 to 5 steps" in r.stderr
+    after = config.read_text().splitlines()
+    assert [a for a, b in zip(before, after) if a != b] == ["  steps: 3"]
+    assert [b for a, b in zip(before, after) if a != b] == ["  steps: 5"]
+    assert_bitwise_equal(out, ref)
+    # the same command again: finished, nothing to continue; fewer steps: refused
+    r = run("train", "--resume", "auto", *_tiny(text, out, *constant, "--steps", "5")[1:])
+    assert r.returncode == 2 and "finished (5 steps)" in r.stderr, r.stderr
+    r = run("train", "--resume", str(out), "--steps", "4")
+    assert r.returncode == 2 and "can only be extended; give --steps 5 or more" in r.stderr
+
+
+def test_resume_auto_with_more_steps_extends_the_run(tmp_path: Path, text: Path) -> None:
+    """``--resume auto`` treats the run's own flags with --steps raised as that run, extended,
+    as ``--resume RUN --steps N`` does."""
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    args = ("--schedule", "constant", "--steps")
+    assert run(*_tiny(text, ref, *args, "4")).returncode == 0
+    assert run(*_tiny(text, out, *args, "2")).returncode == 0
+    r = run("train", "--resume", "auto", *_tiny(text, out, *args, "4")[1:])
+    assert r.returncode == 0, r.stderr
+    assert "steps: 4" in (out / "config.yaml").read_text()
+    assert_bitwise_equal(out, ref)
+
+
+def test_raising_steps_of_a_decaying_schedule_is_refused(tmp_path: Path, text: Path) -> None:
+    out = tmp_path / "run"
+    assert run(*_tiny(text, out, "--steps", "2")).returncode == 0  # cosine, the default
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    for words in (("--resume", str(out), "--steps", "4"),
+                  ("--resume", "auto", *_tiny(text, out, "--steps", "4")[1:])):
+        r = run("train", *words)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "--schedule cosine decays the learning rate over its 2 steps" in r.stderr
+        assert "start a new run" in r.stderr
+    r = run("train", "--resume", str(out), "--lr", "1", "--steps", "4")
+    assert r.returncode == 2 and "only --steps may be raised); drop --lr" in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*")
+            if p.is_file() and p.name != ".lock"} == before
+
+
+# -- the data a run started with -----------------------------------------------------------------
+
+def test_resume_refuses_changed_data_naming_the_file(tmp_path: Path, text: Path) -> None:
+    """An edit that keeps the file's size and time is still seen; a folder names the file."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt"):
+        shutil.copy(text, folder / name)
+    out = tmp_path / "run"
+    assert run(*_tiny(folder, out, "--steps", "2", "--save-every", "1")).returncode == 0
+    (out / "model.safetensors").unlink()
+    shutil.rmtree(list_checkpoints(out / "checkpoints")[-1])  # as if stopped at step 1
+    b = folder / "b.txt"
+    stat = b.stat()
+    data = bytearray(b.read_bytes())
+    data[100] ^= 1
+    b.write_bytes(bytes(data))
+    os.utime(b, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    r = run("train", "--resume", str(out))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"the data changed since the run started: --data {b} (changed)" in r.stderr
+    assert "a.txt" not in r.stderr and "start a new run" in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*")
+            if p.is_file() and p.name != ".lock"} == before
+    b.write_bytes(bytes(data[:100]) + bytes([data[100] ^ 1]) + bytes(data[101:]))  # put back
+    r = run("train", "--resume", str(out))
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_run_folder_without_a_fingerprint_still_resumes(tmp_path: Path, text: Path) -> None:
+    out = tmp_path / "run"
+    assert run(*_tiny(text, out, "--steps", "2", "--save-every", "1")).returncode == 0
+    assert json.loads((out / "fingerprint.json").read_text())["data"]["path"] == str(text)
+    (out / "fingerprint.json").unlink()  # as written by an older bigbatch
+    (out / "model.safetensors").unlink()
+    shutil.rmtree(list_checkpoints(out / "checkpoints")[-1])
+    r = run("train", "--resume", str(out))
+    assert r.returncode == 0, r.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import typing
@@ -29,7 +30,7 @@ _MODEL = ("model", "task", "lora", "lora_alpha", "lora_targets", "lora_dropout",
           "n_head", "d_model", "dtype", "checkpoint_activations", "batchnorm")
 _BATCH = ("global_batch", "micro_batch", "accum_steps")
 _DATA = ("data", "seq_len", "on_bad_sample")
-VERIFY_KEYS = (*_BATCH, *_MODEL, *_DATA, "lr", "clip", "device", "seed")
+VERIFY_KEYS = (*_BATCH, *_MODEL, *_DATA, "lr", "clip", "device", "seed", "precision")
 COMPARE_KEYS = (*_BATCH, *_MODEL, *_DATA, "lr", "warmup", "schedule", "weight_decay", "clip",
                 "out", "overwrite", "device", "seed", "precision")
 PLAN_KEYS = ("global_batch", "memory", *_MODEL, *_DATA, "device", "seed", "precision", "lr",
@@ -96,7 +97,7 @@ def _config(args: argparse.Namespace, own: Sequence[str] = (), **defaults: Any) 
 def _auto_resume(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     """``--resume auto``: the config the flags describe, and whether ``--out`` holds it to
     continue (else a new run starts there)."""
-    from .runfolder import differences, is_finished, saved_config
+    from .runfolder import differences, extended, is_finished, saved_config
 
     config = _config(args)
     if not config.checkpoint.out:
@@ -105,12 +106,16 @@ def _auto_resume(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     saved = saved_config(out)
     if saved is None:  # nothing there yet, or stopped before its config was written
         started = out.is_dir() and all(
-            p.name in ("run.json", ".lock") or p.name.startswith((".run.json.tmp-",
-                                                                  ".config.yaml.tmp-"))
+            p.name in ("run.json", "fingerprint.json", ".lock") or p.name.startswith(
+                (".run.json.tmp-", ".config.yaml.tmp-", ".fingerprint.json.tmp-"))
             for p in out.iterdir())
         return config.replace(overwrite=started), False  # anything else there: refused
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    diffs = differences(saved, config, world)
+    # the same run with --steps raised is that run, extended (as --resume DIR --steps N)
+    same = not differences(saved, config.replace(steps=saved.optim.steps), world)
+    if same and config.optim.steps != saved.optim.steps:
+        saved = extended(out, saved, config.optim.steps)
+    diffs = [] if same else differences(saved, config, world)
     if diffs:
         raise ConfigError(f"--out {out} holds another run: {'; '.join(diffs[:3])}; give another "
                           f"--out, or --resume {out} alone to continue that run as configured")
@@ -121,18 +126,21 @@ def _auto_resume(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .runfolder import load_run_config
+    from .runfolder import extended, load_run_config
+    from .startup import plural
     from .trainer import RunStopped, train
 
     if args.resume == "auto":
         config, resume = _auto_resume(args)
     elif args.resume is not None:
         known = {f.name for _, cls, _ in GROUPS for f in dataclasses.fields(cls)} | {"config"}
-        extra = sorted(flag(k) for k in vars(args) if k in known)
+        extra = sorted(flag(k) for k in vars(args) if k in known and k != "steps")
         if extra:
-            raise UsageError(f"--resume continues a run with its own config.yaml; drop "
-                             f"{', '.join(extra)}")
+            raise UsageError(f"--resume continues a run with its own config.yaml (only --steps "
+                             f"may be raised); drop {', '.join(extra)}")
         config, resume = load_run_config(Path(args.resume)), True
+        if "steps" in args:  # extend the run: config.yaml gets the new total once it resumes
+            config = extended(Path(args.resume), config, args.steps)
     else:
         config, resume = _config(args), False
     try:
@@ -141,11 +149,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
             print(f"bigbatch: {stop}", file=sys.stderr)
         return stop.exit_code
+    diverged = not math.isfinite(result.final_val_loss)  # a run that ends on NaN did not work
     if not result.main:
-        return 0
+        return 1 if diverged else 0
     print(f"final validation {result.final_metrics}; training loss "
-          f"{result.final_train_loss:.4f}; {result.steps} steps in {result.seconds:.0f}s")
+          f"{result.final_train_loss:.4f}; {plural(result.steps, 'step')} in {result.seconds:.0f}s")
     print(f"run folder: {result.out}")
+    if diverged:
+        print(f"bigbatch: error: the final validation loss is {result.final_val_loss}: the run "
+              "diverged; lower --lr or check the data (see metrics.jsonl for skipped steps)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -164,9 +178,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         model, batches, loss_fn, make_opt = default_verify_inputs(config, config.optim.steps)
     dtype = {"float32": torch.float32, "float64": torch.float64,
              "bfloat16": torch.bfloat16}[config.model.dtype]
-    rtol = args.rtol if args.rtol is not None else default_rtol(dtype)
+    precision: Any = config.runtime.precision
+    rtol = args.rtol if args.rtol is not None else default_rtol(dtype, precision)
     report = verify(model, batches, loss_fn, plan=plan, make_optimizer=make_opt, rtol=rtol,
-                    clip=config.optim.clip_norm, normalization=args.normalization)
+                    clip=config.optim.clip_norm, normalization=args.normalization,
+                    precision=precision)
     print(format_table(report))
     return 0 if report.passed else 1
 
@@ -253,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.add_argument("--resume", metavar="DIR|auto", default=None,
                    help="continue the run in DIR from its newest good checkpoint (bitwise exact; "
-                   "a run with no checkpoint yet starts from step 0); 'auto' with --out and the "
+                   "a run with no checkpoint yet starts from step 0), on the data it started "
+                   "with; with --steps N, extend it to N steps (--schedule constant runs); "
+                   "'auto' with --out and the "
                    "run's flags: continue the run in --out, or start it when there is none (the "
                    "same command line after every preemption)")
     p.set_defaults(func=cmd_train)
@@ -268,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                      default=3,
                      help="optimizer steps to compare (default 3)")
     own.add_argument("--rtol", type=_word(float, "rtol"), default=None,
-                     help="relative tolerance (default 1e-10 for float64, 1e-4 for float32)")
+                     help="relative tolerance (default 1e-10 for float64, 1e-4 for float32; "
+                     "under --precision bf16 or fp16 that precision's, see the verdict line)")
     own.add_argument("--normalization", choices=("exact", "naive"), default="exact",
                      help="naive: divide each micro-batch's own mean by K (the 2024 bug), to see "
                      "it fail")

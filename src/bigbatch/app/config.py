@@ -339,11 +339,18 @@ class DataConfig:
     eval_every: int = option("evaluate on the validation set every N steps (0: only at the end)",
                              100)
     eval_samples: int = option("validation samples per evaluation", 256)
+    early_stop: int = option(
+        "stop when the validation loss has not improved for N evaluations in a row (needs "
+        "--eval-every); the best weights are kept in best/ (0: off)", 0)
 
     def __post_init__(self) -> None:
         _check_fields(self)
         _positive(self, "seq_len", "eval_samples")
-        _not_negative(self, "eval_every")
+        _not_negative(self, "eval_every", "early_stop")
+        if self.early_stop and not self.eval_every:
+            raise ConfigError(f"--early-stop {self.early_stop} counts evaluations without "
+                              "improvement, and --eval-every 0 evaluates only at the end; give "
+                              "--eval-every N too")
 
 
 @dataclass(frozen=True)
@@ -355,11 +362,21 @@ class CheckpointConfig:
     save_every: int = option("checkpoint every N optimizer steps (0: only when stopping)", 100)
     save_every_micro: int = option("also checkpoint every M micro-batches, mid-cycle (0: off)", 0)
     keep: int = option("keep the newest N checkpoints", 3)
+    log_to: str = option(
+        "experiment trackers that also get the metrics, comma-separated: tensorboard, mlflow "
+        "(file store in the run folder), wandb (offline), each its extra; auto: TensorBoard when "
+        "installed; none: metrics.jsonl only", "auto")
 
     def __post_init__(self) -> None:
         _check_fields(self)
         _positive(self, "keep")
         _not_negative(self, "save_every", "save_every_micro")
+        from .tracking import parse_log_to
+
+        try:
+            parse_log_to(self.log_to)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -378,6 +395,9 @@ class RuntimeConfig:
     on_nonfinite: str = option(
         "a NaN/inf loss or gradient skips that optimizer step, or stops the run with a checkpoint",
         "skip", choices=("skip", "stop"))
+    max_skips: int = option(
+        "with --on-nonfinite skip: stop the run (checkpoint, exit status 1) after N optimizer "
+        "steps in a row were skipped for a NaN/inf loss or gradient (0: no limit)", 10)
     on_oom: str = option(
         "a micro-batch that runs out of memory is split in two and the step goes on, exact "
         "(split; auto: where the process group allows it, else stop), or the run stops (stop)",
@@ -387,6 +407,7 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        _not_negative(self, "max_skips")
 
 
 GROUPS: tuple[tuple[str, type, str], ...] = (
@@ -423,6 +444,15 @@ class TrainConfig:
         if self.model.task == "contrastive" and self.checkpoint.save_every_micro:
             raise ConfigError("--save-every-micro: a contrastive step embeds the whole cycle at "
                               "once, so it has no checkpoint mid-cycle; use --save-every")
+        schedule = self.batch.accum_schedule or ""
+        if schedule.startswith("adaptive:") and self.runtime.parallel == "fsdp2":
+            raise ConfigError(f"--accum-schedule {schedule} follows the noise scale, which "
+                              "--parallel fsdp2 cannot measure (its sharding hides each rank's "
+                              "gradient), so K would never change; use --parallel ddp, or a step "
+                              "table or ramp")
+        if schedule.startswith("adaptive:") and not self.runtime.noise_scale:
+            raise ConfigError(f"--accum-schedule {schedule} follows the noise scale, which "
+                              "--no-noise-scale turns off; drop one of them")
         tokens, seq = self.batch.micro_tokens, self.data.seq_len
         if tokens is not None and tokens < seq:
             raise ConfigError(f"--micro-tokens {tokens} is less than --seq-len {seq}, so a "

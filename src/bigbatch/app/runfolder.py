@@ -2,15 +2,19 @@
 
 A run folder holds ``config.yaml`` (the resolved configuration, without the folder itself, so the
 file is reusable as ``--config`` for a new run), ``run.json`` (versions, device, command line),
-``metrics.jsonl``, ``model.safetensors``, ``loss.png``, ``tb/`` and ``checkpoints/``.
+``fingerprint.json`` (the data's, see :mod:`.fingerprint`), ``metrics.jsonl``,
+``model.safetensors``, ``loss.png``, ``tb/`` and ``checkpoints/``; with
+``--early-stop`` ``best/``, with ``--log-to`` ``mlruns/``, ``wandb/`` and ``tracking.json``.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -23,11 +27,13 @@ from .. import __version__
 from .config import ConfigError, TrainConfig, flag, load_config_file
 
 __all__ = ["RUN_FILES", "RunLock", "check_out_dir", "default_out_dir", "differences",
-           "is_finished", "load_run_config", "rewind_metrics", "saved_config", "start_run_folder"]
+           "extended", "is_finished", "load_run_config", "rewind_metrics", "saved_config",
+           "start_run_folder", "write_steps"]
 
 # The files a run writes; --overwrite replaces these and nothing else.
-RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "model.safetensors", "model", "adapter",
-             "samples.md", "loss.png", "tb", "checkpoints")
+RUN_FILES = ("config.yaml", "run.json", "fingerprint.json", "metrics.jsonl", "model.safetensors",
+             "model", "adapter", "samples.md", "loss.png", "tb", "checkpoints", "best",
+             "mlruns", "wandb", "tracking.json")
 TRAINED = ("model.safetensors", "model", "adapter")  # what a finished run leaves
 # Where the run is written is not part of what it is: config.yaml leaves these out.
 _NOT_SAVED = ("out", "overwrite")
@@ -54,9 +60,11 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         )
 
 
-def start_run_folder(out: Path, config: TrainConfig, info: dict[str, Any]) -> None:
-    """Create ``out`` (clearing the run files with ``--overwrite``) and write ``config.yaml``
-    and ``run.json`` (``info`` adds the device, world size, data sizes …)."""
+def start_run_folder(out: Path, config: TrainConfig, info: dict[str, Any],
+                     fingerprint: dict[str, Any] | None = None) -> None:
+    """Create ``out`` (clearing the run files with ``--overwrite``) and write ``config.yaml``,
+    ``run.json`` (``info`` adds the device, world size, data sizes …) and ``fingerprint.json``
+    (the data's, see :mod:`.fingerprint`)."""
     out.mkdir(parents=True, exist_ok=True)
     if config.checkpoint.overwrite:
         for name in RUN_FILES:
@@ -70,6 +78,8 @@ def start_run_folder(out: Path, config: TrainConfig, info: dict[str, Any]) -> No
         saved["checkpoint"].pop(key)
     # run.json first and config.yaml last, each whole or not at all: a folder with a config.yaml
     # holds a run that --resume can start or continue
+    if fingerprint is not None:
+        _write_atomic(out / "fingerprint.json", json.dumps(fingerprint, indent=1) + "\n")
     _write_atomic(out / "run.json", json.dumps({
         "bigbatch": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "argv": sys.argv, "started": _dt.datetime.now().isoformat(timespec="seconds"), **info,
@@ -95,6 +105,55 @@ def load_run_config(out: Path) -> TrainConfig:
     values = load_config_file(path)
     values.update(out=str(out), overwrite=False)
     return TrainConfig.of(**values)
+
+
+def extended(out: Path, saved: TrainConfig, steps: int) -> TrainConfig:
+    """The run in ``out`` (configured as ``saved``) with ``--steps`` raised to ``steps``; the
+    learning-rate schedule must not depend on the total, so the steps already taken stay those
+    of a run configured with ``steps`` from the start.
+
+    Raises:
+        ConfigError: ``steps`` is below the run's, or the schedule decays over the total.
+    """
+    have = saved.optim.steps
+    if steps < have:
+        raise ConfigError(f"--resume {out} --steps {steps}: the run has {have} steps and can only "
+                          f"be extended; give --steps {have} or more")
+    if steps > have and saved.optim.schedule != "constant":
+        fresh = (f"start a new run with --steps {steps} (and --schedule constant to extend it "
+                 "later)" if saved.model.builtin else
+                 f"start a new run from its weights (bigbatch export {out}, then bigbatch train "
+                 f"--model {out / 'export'} --steps …)")
+        raise ConfigError(
+            f"--resume {out} --steps {steps}: the run's --schedule {saved.optim.schedule} decays "
+            f"the learning rate over its {have} steps, so more steps would change the steps "
+            f"already taken; only a --schedule constant run (warm-up, then constant) can be "
+            f"extended: {fresh}")
+    return saved.replace(steps=steps)
+
+
+def write_steps(out: Path, steps: int) -> None:
+    """Set ``steps`` in the run's ``config.yaml`` (atomically), keeping the rest of the file as
+    it is, comments included; a file whose ``steps:`` line is not plain is written anew from its
+    values."""
+    path = out / "config.yaml"
+    text = path.read_text()
+    raw = yaml.safe_load(text) or {}
+    want = copy.deepcopy(raw)
+    if isinstance(want.get("optim"), dict) and "steps" in want["optim"]:
+        want["optim"]["steps"] = steps
+    else:
+        want["steps"] = steps
+    lines = text.splitlines(keepends=True)
+    found = [i for i, line in enumerate(lines) if re.match(r"\s*steps\s*:", line)]
+    if len(found) == 1:  # edit that line, if that changes that one value and nothing else
+        i = found[0]
+        indent = lines[i][:len(lines[i]) - len(lines[i].lstrip())]
+        new = "".join([*lines[:i], f"{indent}steps: {steps}\n", *lines[i + 1:]])
+        if yaml.safe_load(new) == want:
+            _write_atomic(path, new)
+            return
+    _write_atomic(path, yaml.safe_dump(want, sort_keys=False))
 
 
 def rewind_metrics(metrics: Path, size: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""What a run writes: ``metrics.jsonl`` (plus TensorBoard events when installed), the loss plot."""
+"""What a run writes: ``metrics.jsonl`` (and the trackers of ``--log-to``), the loss plot."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine import StepStats
+from .tracking import numeric, open_trackers
 
 __all__ = ["RunLog", "last_train_loss", "plot_losses", "read_metrics"]
 
@@ -16,44 +17,38 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no NaN; null marks "not computed"
 
 
-def _tensorboard_without_tensorflow() -> None:
-    """Event files need no TensorFlow, but TensorBoard imports it whenever it is installed
-    (seconds, and its logging) unless ``tensorboard.compat.notf`` exists — TensorBoard's own switch
-    to its TensorFlow stub. Set that switch, unless TensorFlow is already loaded."""
-    import sys
-    import types
-
-    if "tensorflow" not in sys.modules:
-        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("notf"))
-
-
 class RunLog:
-    """Appends one JSON line per optimizer step and per evaluation to ``metrics.jsonl``.
+    """Appends one JSON line per optimizer step and per evaluation to ``metrics.jsonl``, and
+    sends the same numbers to the trackers ``--log-to`` names (:mod:`.tracking`).
 
     Train lines: ``{"kind": "train", "step", "loss", "items", "grad_norm", "lr", "tokens_per_s",
     "seconds", "skipped", "skip_reason", "micro_batches"}``. Eval lines: ``{"kind": "eval",
     "step", "val_loss", "val_items"}`` and the task's metrics (``accuracy``; ``recall_at_1``,
-    ``mrr``). With the ``tensorboard`` extra installed the same scalars go
-    to TensorBoard event files in ``tb/``.
+    ``mrr``). Trackers get each line's finite numbers as ``train/<key>`` (``val/loss``,
+    ``val/<key>``) at its step, ``params`` once, and :meth:`final`'s values.
+
+    Raises:
+        TrackerError: a tracker ``log_to`` names is not installed or cannot be opened.
     """
 
-    def __init__(self, out: Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
+    def __init__(self, out: Path, log_to: str = "auto", purge_step: int | None = None,
+                 params: dict[str, Any] | None = None, resume: bool = False) -> None:
         self.path = out / "metrics.jsonl"
+        self._trackers = open_trackers(log_to, out, params or {}, purge_step=purge_step,
+                                       resume=resume)
         self._file = self.path.open("a", encoding="utf-8")
-        self._tb: Any = None
-        if tensorboard:
-            try:
-                _tensorboard_without_tensorflow()
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # the extra is not installed: metrics.jsonl only
-                pass
-            else:
-                # purge_step drops events a resumed run is about to write again
-                self._tb = SummaryWriter(log_dir=str(out / "tb"), purge_step=purge_step)
+        self._step = 0
 
     def _write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        self._step = record["step"]
+        prefix = "train/" if record["kind"] == "train" else "val/"
+        scalars = numeric(record, prefix)
+        if "val/val_loss" in scalars:
+            scalars["val/loss"] = scalars.pop("val/val_loss")
+        for tracker in self._trackers:
+            tracker.scalars(scalars, record["step"])
 
     def train(self, stats: StepStats, step: int, tokens_per_s: float,
               extra: dict[str, Any] | None = None) -> None:
@@ -67,29 +62,24 @@ class RunLog:
             "tokens_per_s": tokens_per_s, "seconds": stats.seconds, "skipped": stats.skipped,
             "skip_reason": stats.skip_reason, "micro_batches": stats.micro_batches, **extra,
         })
-        if self._tb is not None:
-            scalars = [("train/loss", stats.loss), ("train/grad_norm", stats.grad_norm),
-                       ("train/lr", stats.lr), ("train/tokens_per_s", tokens_per_s)]
-            scalars += [(f"train/{k}", v) for k, v in extra.items()
-                        if isinstance(v, (int, float))]
-            for key, value in scalars:
-                if math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
 
     def eval(self, step: int, metrics: dict[str, float]) -> None:
         """One eval line: ``val_loss``, ``val_items`` and the task's metrics (accuracy, …)."""
         record = {k: v if isinstance(v, int) else _finite(v) for k, v in metrics.items()}
         self._write({"kind": "eval", "step": step, **record})
-        if self._tb is not None:
-            for key, value in metrics.items():
-                if key != "val_items" and math.isfinite(value):
-                    self._tb.add_scalar("val/loss" if key == "val_loss" else f"val/{key}",
-                                        value, step)
 
-    def close(self) -> None:
+    def final(self, metrics: dict[str, Any]) -> None:
+        """The run's final metrics, to the trackers only (``final/<key>``, at the last step)."""
+        values = numeric(metrics, "")
+        for tracker in self._trackers:
+            tracker.final(values, self._step)
+
+    def close(self, ok: bool = True) -> None:
+        """Close the file and the trackers (``ok``: the run finished; else it stopped)."""
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close(ok)
+        self._trackers = []
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

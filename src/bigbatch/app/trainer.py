@@ -35,12 +35,24 @@ from .artifacts import final_model, sample_completions, save_final, write_sample
 from .checkpointer import Checkpointer
 from .config import ConfigError, TrainConfig
 from .data import TokenWindows, global_batches, packed_micro_batches, take_samples
+from .earlystop import EarlyStopping, save_best
+from .fingerprint import check_fingerprint, data_fingerprint
 from .launch import Ranks, setup, wrap_model
 from .models.gpt import num_parameters
 from .progress import Progress
-from .runfolder import RunLock, check_out_dir, default_out_dir, start_run_folder
+from .runfolder import (
+    RunLock,
+    check_out_dir,
+    default_out_dir,
+    extended,
+    saved_config,
+    start_run_folder,
+    write_steps,
+)
 from .runlog import RunLog, last_train_loss, plot_losses
 from .runstate import StopSignals, model_state
+from .startup import RunShape, batch_line, data_lines, noise_line, precision_note, run_samples
+from .tracking import check_installed
 from .workload import (
     Workload,
     build_workload,
@@ -51,6 +63,9 @@ from .workload import (
 )
 
 __all__ = ["RunStopped", "TrainResult", "Trainer", "train"]
+
+# the engine's skip reasons that --max-skips counts (an fp16 overflow only lowers the loss scale)
+_NONFINITE = ("non-finite loss", "non-finite gradient")
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,7 @@ class Trainer:
         out = config.checkpoint.out
         self.out = Path(out) if out else default_out_dir()
         self.notes: list[str] = []
+        self.extend_from: int | None = None  # --steps raised on resume: the run's old total
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -130,18 +146,24 @@ class Trainer:
             self._setup_run()
             self._setup_logs()
             start = time.perf_counter()
+            ok = False  # the trackers record how the run ended
             try:
-                self._loop()
+                try:
+                    self._loop()
+                finally:
+                    self.progress.close()
+                result = self._finish(time.perf_counter() - start)
+                ok = True
+                return result
             finally:
-                self.progress.close()
                 if self.log is not None:
-                    self.log.close()
-            return self._finish(time.perf_counter() - start)
+                    self.log.close(ok=ok)
         finally:
             self.lock.release()
 
     def _check_inputs(self) -> None:
         config, ranks = self.config, self.ranks
+        check_installed(config.checkpoint.log_to)  # --log-to mlflow without mlflow: nothing written
         if self.fsdp and config.checkpoint.save_every_micro:
             raise ConfigError("--save-every-micro: FSDP2 keeps a cycle's partial gradient "
                               "unsharded, out of reach of a checkpoint; use --parallel ddp, or "
@@ -151,10 +173,21 @@ class Trainer:
         if not self.resume:
             overwrite = config.checkpoint.overwrite
             ranks.together("checking --out", self.comm, lambda: check_out_dir(self.out, overwrite))
-        elif self.main:  # one writer per run folder, from the start
-            ranks.together("locking the run folder", self.comm, self.lock.acquire)
+        elif self.main:  # one writer per run folder, from the start; the data it started with
+            ranks.together("locking the run folder", self.comm, self._lock_resumed)
         else:
             ranks.together("locking the run folder", self.comm, lambda: None)
+
+    def _lock_resumed(self) -> None:
+        """Lock the run folder, and check the run can go on as configured: on the same data,
+        and with ``--steps`` raised only where the schedule allows it (see
+        :func:`.runfolder.extended`)."""
+        self.lock.acquire()
+        check_fingerprint(self.out, self.config)
+        saved = saved_config(self.out)
+        if saved is not None and saved.optim.steps != self.config.optim.steps:
+            extended(self.out, saved, self.config.optim.steps)
+            self.extend_from = saved.optim.steps
 
     def _setup_workload(self) -> None:
         config = self.config
@@ -185,10 +218,12 @@ class Trainer:
                 config.batch.accum_schedule, micro_batch=self.plan.micro_batch,
                 world_size=self.ranks.world_size, k_final=self.plan.accum_steps)
         self.noise = NoiseScaleEMA()
+        patience = config.data.early_stop
+        self.early = EarlyStopping(patience) if patience else None
         self.checkpoints = Checkpointer(
             self.out, ranks=self.ranks, comm=self.comm, model=work.model, optimizer=self.opt,
             scheduler=self.sched, acc=self.acc,
-            extras={"noise": self.noise, "schedule": self.schedule},
+            extras={"noise": self.noise, "schedule": self.schedule, "early_stop": self.early},
             keep=config.checkpoint.keep, fsdp=self.fsdp,
             trainable_only=bool(work.hf is not None and work.hf.lora))
 
@@ -199,6 +234,10 @@ class Trainer:
             position, notes = self.checkpoints.resume()
             self.step, self.first_micro = position.step, position.micro
             self.notes += notes
+            if self.main and self.extend_from is not None:
+                write_steps(self.out, self.config.optim.steps)
+                self.notes.append(f"extending the run from {self.extend_from} to "
+                                  f"{self.config.optim.steps} steps (config.yaml updated)")
             return
         self.ranks.together("locking the run folder", self.comm,
                             self._lock_new if self.main else lambda: None)
@@ -211,7 +250,7 @@ class Trainer:
                 "task": self.work.task.name, "labels": self.work.labels,
                 "train_samples": len(self.work.train),
                 "val_samples": len(self.work.val),
-                "parameters": num_parameters(self.work.model)})
+                "parameters": num_parameters(self.work.model)}, data_fingerprint(self.config))
 
     def _lock_new(self) -> None:
         """Lock the new run's folder; another process may have started a run there meanwhile."""
@@ -221,9 +260,13 @@ class Trainer:
             check_out_dir(self.out, False)
 
     def _setup_logs(self) -> None:
-        config, plan = self.config, self.plan
-        self.log = RunLog(self.out, purge_step=self.step + 1 if self.resume else None
-                          ) if self.main else None
+        config = self.config
+        params = {**config.flat(), "global_batch": self.plan.global_batch,
+                  "micro_batch": self.plan.micro_batch, "accum_steps": self.plan.accum_steps,
+                  "world_size": self.ranks.world_size}
+        self.log = RunLog(self.out, config.checkpoint.log_to,
+                          purge_step=self.step + 1 if self.resume else None, params=params,
+                          resume=self.resume) if self.main else None
         self.progress = Progress(config.optim.steps, self.stream, start=self.step,
                                  unit=self.work.task.unit)
         for note in self.notes:
@@ -231,15 +274,26 @@ class Trainer:
         if config.runtime.on_oom != "stop" and not self.acc.oom_split:
             self.progress.write("note: out-of-memory splitting is off under FSDP2 (its state "
                                 "cannot survive an out-of-memory error mid-backward)")
-        where = (f" × {self.ranks.world_size} ranks ({config.runtime.parallel})"
-                 if self.ranks.world_size > 1 else "")
-        tokens = config.batch.micro_tokens
-        cut = (f"packed by length into micro-batches of at most {tokens:,} tokens" if tokens else
-               f"{plan.accum_steps} micro-batches of {plan.micro_batch} × {config.data.seq_len} "
-               + ("bytes" if self.work.kind == "gpt" else "tokens"))
-        self.progress.write(
-            f"training {num_parameters(self.work.model):,} parameters on {self.work.device}"
-            f"{where}: {config.optim.steps} steps of global batch {plan.global_batch} = {cut}")
+        for line in self._startup_lines():
+            self.progress.write(line)
+
+    def _startup_lines(self) -> list[str]:
+        """The run that runs (see :mod:`.startup`): its batches, the noise scale, the data."""
+        config, plan, schedule, world = self.config, self.plan, self.schedule, self.ranks.world_size
+        self.shape = shape = RunShape(
+            config.optim.steps, plan.global_batch, plan.micro_batch, world,
+            config.runtime.parallel, f"{config.data.seq_len} "
+            + ("bytes" if self.work.kind == "gpt" else "tokens"), config.batch.micro_tokens)
+        most_k = (plan.accum_steps if schedule is None else max(k for _, k in schedule.table)
+                  if schedule.kind == "table" else max(schedule.k_final, schedule.k_max))
+        lines = [f"training {num_parameters(self.work.model):,} parameters on {self.work.device}: "
+                 + batch_line(shape, schedule, config.batch.accum_schedule, self.step),
+                 noise_line(enabled=config.runtime.noise_scale, fsdp=self.fsdp,
+                            most_micro_batches=2 if shape.micro_tokens else most_k * world),
+                 *data_lines(len(self.work.train), len(self.work.val),
+                             run_samples(shape, schedule), plan.global_batch)]
+        note = precision_note(config.runtime.precision, torch.device(self.work.device))
+        return lines + [note] if note else lines
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -250,8 +304,9 @@ class Trainer:
         self.tokens_per_sample = float(config.data.seq_len)  # refined from each step's count
         self.max_rows = self.acc.max_rows
         self.val_loss = math.nan
+        self.skips = 0  # steps in a row skipped for a non-finite value (--max-skips)
         with StopSignals() as signals:
-            while self.step < config.optim.steps:
+            while self.step < config.optim.steps and not (self.early and self.early.stopped):
                 plan, micro_batches = self._micro_batches()
                 try:
                     if self.work.task.whole_cycle:  # contrastive: the loss spans the cycle
@@ -261,14 +316,29 @@ class Trainer:
                         stats = self.acc.finish()
                 except NonFiniteError as e:
                     path = self.checkpoints.save(self.step, 0)
-                    raise RunStopped(f"stopped: {e}. The last good state is in {path}", 1) from e
+                    raise RunStopped(f"stopped: {_flag_words(e)}. The last good state is in "
+                                     f"{path}", 1) from e
                 self.step += 1
                 if self.schedule is not None:
                     self.schedule.took(len(micro_batches))
                 self._report(stats, plan, len(micro_batches))
+                self._count_skips(stats)
                 self._between_steps(signals)
             if not self.checkpoints.exists(self.step, 0):
                 self.checkpoints.save(self.step, 0)  # the clean stop
+
+    def _count_skips(self, stats: StepStats) -> None:
+        """``--max-skips``: stop, with a checkpoint, after that many steps in a row were skipped
+        for a non-finite loss or gradient (a diverged run would otherwise skip to the end)."""
+        self.skips = self.skips + 1 if stats.skip_reason in _NONFINITE else 0
+        limit = self.config.runtime.max_skips
+        if limit and self.skips >= limit:
+            path = self.checkpoints.save(self.step, 0)
+            raise RunStopped(
+                f"stopped: {self.skips} optimizer steps in a row skipped (--on-nonfinite skip), "
+                f"the --max-skips {limit} limit: the last, step {self.step}, had a "
+                f"{stats.skip_reason}; the weights are from before them (checkpoint {path}). "
+                "Lower --lr, check the data, or raise --max-skips (0: no limit)", 1)
 
     def _micro_batches(self) -> tuple[BatchPlan, list[Any]]:
         """This step's plan (K may follow a schedule) and this rank's micro-batches."""
@@ -350,6 +420,19 @@ class Trainer:
         if self.log is not None:
             self.log.eval(self.step, self.metrics)
         self.progress.write(f"step {self.step}: validation {describe(self.metrics, self.work)}")
+        if self.early is not None:
+            self._keep_best()
+
+    def _keep_best(self) -> None:
+        """``--early-stop``: count this evaluation; a new best's weights go to ``best/``."""
+        assert self.early is not None
+        if not self.early.update(self.val_loss, self.step):
+            return
+        weights = model_state(self.work.model, fsdp=True) if self.fsdp else None  # all ranks
+        if self.main:
+            model = final_model(self.work, self.config, weights)
+            save_best(self.out, lambda folder: save_final(self.work, model, folder), self.step,
+                      self.metrics)
 
     def _between_steps(self, signals: StopSignals) -> None:
         """Stop on a signal (all ranks together), or save when due."""
@@ -383,24 +466,50 @@ class Trainer:
         weights = model_state(self.work.model, fsdp=True) if self.fsdp else None  # all ranks
         metrics = self.out / "metrics.jsonl"
         if main:
+            self._final_notes(metrics)
             final = final_model(self.work, config, weights)
             saved = save_final(self.work, final, self.out)
             self.progress.write(f"trained model: {saved}")
-            samples = sample_completions(self.work, final, config.runtime.seed)
+            samples = (sample_completions(self.work, final, config.runtime.seed)
+                       if math.isfinite(self.val_loss) else [])  # NaN weights cannot sample
             if samples:
                 write_samples(self.out / "samples.md", samples)
                 for prompt, completion in samples[:2]:
                     self.progress.write(f"sample: {_short(prompt)!r} → {_short(completion)!r}")
                 self.progress.write(f"sampled completions: {self.out / 'samples.md'}")
-            ranks = f" × {self.ranks.world_size} ranks" if self.ranks.world_size > 1 else ""
-            plot_losses(metrics, self.out / "loss.png",
-                        title=f"bigbatch train: global batch {plan.global_batch} = "
-                              f"{plan.accum_steps} micro-batches of {plan.micro_batch}{ranks}")
+            tokens = config.batch.micro_tokens
+            cut = (f"{plan.global_batch:,} in micro-batches of at most {tokens:,} tokens" if tokens
+                   else self.shape.cut(plan.accum_steps)
+                   + (", K by --accum-schedule" if self.schedule is not None else ""))
+            plot_losses(metrics, self.out / "loss.png", title=f"bigbatch train: global batch {cut}")
         self.ranks.agree(True, self.comm)  # rank 0 wrote the run's files before anyone returns
-        return TrainResult(out=self.out, steps=config.optim.steps, main=main,
+        return TrainResult(out=self.out, steps=self.step, main=main,
                            final_train_loss=last_train_loss(metrics) if main else math.nan,
                            final_val_loss=self.val_loss, seconds=seconds,
                            final_metrics=describe(self.metrics, self.work))
+
+    def _final_notes(self, metrics: Path) -> None:
+        """The early-stopping line, and the final metrics to the trackers (rank 0)."""
+        steps, early = self.config.optim.steps, self.early
+        final: dict[str, Any] = {**self.metrics, "train_loss": last_train_loss(metrics),
+                                 "steps": self.step}
+        if early is not None:
+            if early.stopped and self.step < steps:
+                self.progress.write(early.note(self.step, steps))
+            elif early.best_step:
+                self.progress.write(f"best validation loss {early.best_loss:.4f} at step "
+                                    f"{early.best_step}, its weights in {self.out / 'best'}")
+            else:
+                self.progress.write("no evaluation gave a finite validation loss: no best/")
+            final.update(best_step=early.best_step, best_val_loss=early.best_loss)
+        if self.log is not None:
+            self.log.final(final)
+
+
+def _flag_words(error: NonFiniteError) -> str:
+    """The engine's message in the words of the command line (the flags a user types)."""
+    return (str(error).replace("(on_nonfinite='skip')", "(--on-nonfinite skip)")
+            .replace("Lower the learning rate", "Lower --lr"))
 
 
 def _short(text: str, width: int = 60) -> str:
