@@ -5,6 +5,7 @@ resume across world sizes 2→1 and 1→2 at step boundaries; SIGTERM to the gro
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,8 +65,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
 def test_mid_cycle_kill_resumes_bitwise_on_two_ranks_and_falls_back_on_one(
         tmp_path: Path, corpus: Path, reference: Path) -> None:
     out = tmp_path / "run"
-    args = ["--data", str(corpus), "--steps", "6", "--save-every-micro", "3", "--keep", "2",
-            "--out", str(out), *TINY]
+    args = ["--data", str(corpus), "--steps", "6", "--save-every-micro", "3", "--save-every", "1",
+            "--keep", "2", "--out", str(out), *TINY]
     proc = subprocess.Popen(launch(*args, world=2), stderr=subprocess.PIPE, text=True,
                             env=ENV, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -84,8 +85,18 @@ def test_mid_cycle_kill_resumes_bitwise_on_two_ranks_and_falls_back_on_one(
         assert a["micro"] == b["micro"] == state["micro"]
         assert any(not torch.equal(x, y) for x, y in zip(a["grads"], b["grads"])
                    if x is not None)  # two ranks, two different partial gradients
-    copy = tmp_path / "copy"
+    copy, only_mid = tmp_path / "copy", tmp_path / "only-mid"
     subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    subprocess.run(["cp", "-r", str(out), str(only_mid)], check=True)
+    for p in list_checkpoints(only_mid / "checkpoints"):
+        if p.name.endswith("0000"):
+            shutil.rmtree(p)
+    if list_checkpoints(only_mid / "checkpoints"):  # mid-cycle ones only: 1 process cannot use
+        before = sorted(p.name for p in (only_mid / "checkpoints").iterdir())
+        r = run("--resume", str(only_mid))
+        assert r.returncode == 2 and r.stderr.count("error") == 1, r.stderr
+        assert "fits this run" in r.stderr and "none at a step boundary" in r.stderr
+        assert sorted(p.name for p in (only_mid / "checkpoints").iterdir()) == before
     # on 2 ranks: continues the cycle, bit for bit
     r = run("--resume", str(out), world=2)
     assert r.returncode == 0, r.stderr

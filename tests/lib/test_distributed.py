@@ -225,7 +225,9 @@ def test_fsdp1_is_refused() -> None:
 
         def __init__(self, inner: torch.nn.Module) -> None:
             torch.nn.Module.__init__(self)
-            self.inner = inner
+            # what FSDP1's own attribute lookups reach for (a later gc or hook may ask)
+            self._fsdp_wrapped_module = inner
+            self.__dict__["training_state"] = None
 
     inner = torch.nn.Linear(2, 2)
     fsdp1 = Unbuilt(inner)

@@ -91,6 +91,12 @@ class Checkpointer:
 
         def load() -> Position:
             found = load_latest(self.root, lambda state: unusable(state, world), skipped)
+            if found is None and skipped:  # starting over would discard (and collide with) them
+                path, why = skipped[0]
+                raise CheckpointError(
+                    f"no checkpoint in {self.root} fits this run: the newest ({path.name}) was "
+                    f"{why}, and there is none at a step boundary; resume with the number of "
+                    "ranks they were taken with, or start a new run in another --out")
             if found is None:  # stopped before its first checkpoint: the run starts over
                 notes.append(f"no checkpoint yet in {self.out}: starting the run from step 0 "
                              "with its recorded configuration and seed")
