@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +40,31 @@ def final_model(work: Workload, config: TrainConfig, weights: dict | None) -> to
 
 
 def save_final(work: Workload, model: torch.nn.Module, out: Path) -> Path:
-    """Write the trained ``model`` (:func:`final_model`) into ``out``; returns the path."""
-    if work.kind != "hf":
-        save_model(model, str(out / "model.safetensors"))
-        return out / "model.safetensors"
-    assert work.hf is not None
-    target = out / ("adapter" if work.hf.lora else "model")
-    inner = model.encoder if hasattr(model, "encoder") and work.task.name == "contrastive" \
-        else model
-    inner.save_pretrained(target)
-    work.hf.tokenizer.save_pretrained(target)
-    return target
+    """Write the trained ``model`` (:func:`final_model`) into ``out``; returns the path.
+
+    Written under a temporary name and renamed into place, so that a process killed while
+    writing leaves no half model: its presence marks the run finished (``runfolder.is_finished``).
+    """
+    for stale in out.glob(".final.tmp-*"):  # a kill while writing, on an earlier try
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=out))
+    try:
+        if work.kind != "hf":
+            save_model(model, str(staging / "model.safetensors"))
+            name = "model.safetensors"
+        else:
+            assert work.hf is not None
+            name = "adapter" if work.hf.lora else "model"
+            inner = model.encoder if hasattr(model, "encoder") and \
+                work.task.name == "contrastive" else model
+            inner.save_pretrained(staging / name)
+            work.hf.tokenizer.save_pretrained(staging / name)
+        if (out / name).is_dir():  # a run extended with --steps: the earlier final model
+            os.replace(out / name, staging / "earlier")
+        os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / name
 
 
 @torch.no_grad()

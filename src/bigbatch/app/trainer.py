@@ -468,8 +468,6 @@ class Trainer:
         if main:
             self._final_notes(metrics)
             final = final_model(self.work, config, weights)
-            saved = save_final(self.work, final, self.out)
-            self.progress.write(f"trained model: {saved}")
             samples = (sample_completions(self.work, final, config.runtime.seed)
                        if math.isfinite(self.val_loss) else [])  # NaN weights cannot sample
             if samples:
@@ -482,6 +480,8 @@ class Trainer:
                    else self.shape.cut(plan.accum_steps)
                    + (", K by --accum-schedule" if self.schedule is not None else ""))
             plot_losses(metrics, self.out / "loss.png", title=f"bigbatch train: global batch {cut}")
+            # the model last: a folder with it is a finished run (see runfolder.is_finished)
+            self.progress.write(f"trained model: {save_final(self.work, final, self.out)}")
         self.ranks.agree(True, self.comm)  # rank 0 wrote the run's files before anyone returns
         return TrainResult(out=self.out, steps=self.step, main=main,
                            final_train_loss=last_train_loss(metrics) if main else math.nan,
