@@ -21,6 +21,7 @@ _EXPORTS = {
     "BatchPlan": "plan",
     "BatchPlanError": "errors",
     "BigBatchError": "errors",
+    "CostModel": "partition",
     "DistributedError": "engine",
     "FrozenBatchNorm": "batchnorm",
     "GradSync": "engine",
@@ -35,9 +36,12 @@ _EXPORTS = {
     "contrastive_step": "contrastive",
     "convert_batchnorm": "batchnorm",
     "info_nce": "contrastive",
+    "measure_cost": "partition",
     "measure_memory": "memory",
     "pack_batch": "packing",
     "pack_by_tokens": "packing",
+    "pack_rows": "rows",
+    "partition_by_cost": "partition",
     "plan_micro_batch": "planner",
     "token_cross_entropy": "loss",
 }
@@ -78,7 +82,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .memory import measure_memory as measure_memory
     from .packing import pack_batch as pack_batch
     from .packing import pack_by_tokens as pack_by_tokens
+    from .partition import CostModel as CostModel
+    from .partition import measure_cost as measure_cost
+    from .partition import partition_by_cost as partition_by_cost
     from .plan import BatchPlan as BatchPlan
     from .planner import MicroBatchChoice as MicroBatchChoice
     from .planner import plan_micro_batch as plan_micro_batch
     from .pooled import PooledBatchNorm as PooledBatchNorm
+    from .rows import pack_rows as pack_rows

@@ -39,6 +39,7 @@ from .errors import BigBatchError
 from .loss import IGNORE_INDEX
 
 __all__ = [
+    "PACK_MODES",
     "PackingError",
     "label_lengths",
     "pack_batch",
@@ -234,31 +235,55 @@ def _cut(batch: Mapping[str, Any], length: int, columns: int) -> dict[str, Any]:
     }
 
 
-def pack_batch(
-    batch: Mapping[str, Any], max_tokens: int, *, ignore_index: int = IGNORE_INDEX
-) -> list[dict[str, Any]]:
-    """Regroup one padded global batch into token-budget micro-batches, each trimmed.
+PACK_MODES = ("tokens", "partition", "rows")
 
-    The rows' lengths are :func:`label_lengths` of ``batch["labels"]``; the groups are
-    :func:`pack_by_tokens`'s; each micro-batch holds its group's rows (of every tensor: all must
-    have one row per sample, see :mod:`bigbatch.batching`) cut by
-    :func:`trim_padding` to the group's longest real length (at least 1). Running them through
-    :meth:`~bigbatch.Accumulator.step` with a sum-and-count loss gives the update of the whole
-    batch, as the fixed-size split does.
+
+def pack_batch(
+    batch: Mapping[str, Any], max_tokens: int, *, mode: str = "tokens", cost: Any = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> list[dict[str, Any]]:
+    """Regroup one padded global batch into micro-batches of at most ``max_tokens`` positions.
+
+    ``mode`` says how (all give the update of the whole batch with a sum-and-count loss):
+
+    * ``"tokens"``: the groups of :func:`pack_by_tokens` (greedy: fewest micro-batches);
+    * ``"partition"``: the groups of :func:`bigbatch.partition.partition_by_cost` under ``cost``
+      (a :class:`~bigbatch.CostModel`): the fastest predicted runs of the length order;
+    * ``"rows"``: padding-free rows, several samples per row
+      (:func:`bigbatch.rows.pack_rows`, with pre-shifted labels); the model must take
+      ``position_ids`` and keep attention within each sample.
+
+    In the first two each micro-batch holds its group's rows (of every tensor: all must have one
+    row per sample, see :mod:`bigbatch.batching`) cut by :func:`trim_padding` to the group's
+    longest real length (at least 1); the rows' lengths are :func:`label_lengths` of
+    ``batch["labels"]``.
 
     Args:
         batch: ``{"input_ids": [B, T], "labels": [B, T], ...}``, padding at the end of each row.
         max_tokens: padded token positions per micro-batch (rows × columns).
+        mode: ``"tokens"``, ``"partition"`` or ``"rows"``.
+        cost: the cost model, for ``mode="partition"`` only.
         ignore_index: label value of padding.
 
     Returns:
         The micro-batches, longest samples first (new tensors; ``batch`` is not modified).
 
     Raises:
-        PackingError: the batch has no ``"labels"`` tensor of at least 2 dimensions, or as in
+        PackingError: an unknown ``mode``, ``cost`` missing for ``"partition"`` or given for
+            another mode; the batch has no ``"labels"`` tensor of at least 2 dimensions; or as in
             :func:`pack_by_tokens`.
         BatchPlanError: a tensor's rows differ from the labels', or a value is not a tensor.
     """
+    if mode not in PACK_MODES:
+        raise PackingError(f"mode {mode!r} is not one of {', '.join(PACK_MODES)}")
+    if (cost is None) == (mode == "partition"):
+        raise PackingError("mode='partition' needs cost=CostModel(...) (see measure_cost)"
+                           if cost is None else f"cost is used by mode='partition' only, not "
+                           f"{mode!r}; drop it")
+    if mode == "rows":
+        from .rows import pack_rows
+
+        return pack_rows(batch, max_tokens, ignore_index=ignore_index)  # type: ignore[return-value]
     labels = batch.get("labels")
     if not isinstance(labels, torch.Tensor) or labels.dim() < 2:
         raise PackingError(
@@ -267,8 +292,14 @@ def pack_batch(
         )
     batch_rows(batch)  # every tensor holds one row per sample (BatchPlanError names any other)
     lengths = label_lengths(labels, ignore_index).cpu()
+    if mode == "partition":
+        from .partition import partition_by_cost
+
+        groups = partition_by_cost(lengths, max_tokens, cost)
+    else:
+        groups = pack_by_tokens(lengths, max_tokens)
     out = []
-    for group in pack_by_tokens(lengths, max_tokens):
+    for group in groups:
         width = max(int(lengths[group].max()), 1)
         out.append(trim_padding(take_rows(dict(batch), group), width, ignore_index=ignore_index))
     return out

@@ -63,15 +63,18 @@ def trained(out: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("arch", "kind"), [("gpt2", "instruct"), ("gpt2", "chat")])
 def test_masked_prompts_are_exact(arch: str, kind: str, folders: dict, data: dict,
                                   tmp_path: Path) -> None:
-    """K micro-batches of 2 and one of 16 end where the full batch does (1e-10 of the update);
-    the mean of micro-batch means does not (> 1e-3)."""
+    """K micro-batches of 2 and one of 16, and (the default for such uneven records) padding-free
+    rows, end where the full batch does (1e-10 of the update); the mean of micro-batch means does
+    not (> 1e-3)."""
     folder, val = folders[arch], data["val" if kind == "instruct" else "chat_val"]
     start, full, naive = references(folder, data[kind])
-    for micro in ("2", "16"):
+    for micro, pack in (("16", "none"), ("2", "auto"), ("2", "none")):
         out = tmp_path / f"m{micro}"
         r = run("train", "--model", str(folder), "--data", str(data[kind]), "--eval-data",
-                str(val), "--micro-batch", micro, "--out", str(out), *COMMON)
+                str(val), "--micro-batch", micro, "--pack", pack, "--out", str(out),
+                "--overwrite", *COMMON)
         assert r.returncode == 0, r.stderr
+        assert ("padding-free rows" in r.stderr) == (pack == "auto"), r.stderr
         assert hfref.distance(trained(out), full, start) <= RTOL
     assert hfref.distance(naive.state_dict(), full, start) > 1e-3
     # the run shows what it learned: completions sampled from held-out prompts
@@ -94,13 +97,22 @@ def test_llama_folder_trains_to_float32_rounding(folders: dict, data: dict,
     assert hfref.distance(naive.state_dict(), full, start) > 1e-2
 
 
-def test_packing_by_tokens_is_exact(folders: dict, data: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("pack", "says"), [
+    ("tokens", "packed by length into micro-batches of at most 160 tokens"),
+    ("partition", "partitioned by length for speed (measured cost model), at most 160 tokens"),
+    ("rows", "packed into padding-free rows, at most 160 tokens per micro-batch")])
+def test_every_packing_is_exact(pack: str, says: str, folders: dict, data: dict,
+                                tmp_path: Path) -> None:
+    """Each --pack mode regroups the global batch its own way; each ends where the full batch
+    does. Padding-free rows go through transformers' own packed-sequence attention (position_ids
+    restarting, no attention mask)."""
     start, full, _ = references(folders["gpt2"], data["instruct"])
     out = tmp_path / "packed"
     r = run("train", "--model", str(folders["gpt2"]), "--data", str(data["instruct"]),
-            "--eval-data", str(data["val"]), "--micro-tokens", "160", "--out", str(out), *COMMON)
+            "--eval-data", str(data["val"]), "--micro-tokens", "160", "--pack", pack,
+            "--out", str(out), *COMMON)
     assert r.returncode == 0, r.stderr
-    assert "packed by length into micro-batches of at most 160 tokens" in r.stderr
+    assert says in r.stderr
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {m["micro_batches"] for m in metrics if m["kind"] == "train"} != {1}
     assert hfref.distance(trained(out), full, start) <= RTOL

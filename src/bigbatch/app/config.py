@@ -151,6 +151,17 @@ class BatchConfig:
     micro_tokens: int | None = option(
         "cut each global batch into micro-batches of at most N tokens (rows × longest sample, "
         "samples sorted by length, padding trimmed) instead of --micro-batch samples", None)
+    pack: str = option(
+        "how variable-length samples are cut into micro-batches: 'rows' (padding-free rows, "
+        "several samples per row), 'partition' (sorted runs chosen by a measured cost model), "
+        "'tokens' (sorted, greedy by --micro-tokens), 'none' (--micro-batch samples each); "
+        "'auto': rows where the model takes position_ids, else partition, when the data's "
+        "lengths vary (or --micro-tokens is given), else none", "auto",
+        choices=("auto", "none", "tokens", "partition", "rows"))
+    pack_cost: str | None = option(
+        "--pack partition's cost model 'A,B,C': seconds per micro-batch, per token position, "
+        "per row x column^2 (default: measured at the start by a short probe, and recorded)",
+        None)
     accum_schedule: str | None = option(
         "change K during training: a step table '0:4,500:8', 'ramp:START:SAMPLES' (global batch "
         "from START samples up over SAMPLES samples) or 'adaptive:KMIN:KMAX:EVERY' (from the "
@@ -170,6 +181,15 @@ class BatchConfig:
         if self.micro_tokens is not None and self.accum_schedule:
             raise ConfigError("--micro-tokens sets K per step from the lengths, --accum-schedule "
                               "from a schedule; give one of them")
+        packs = self.pack not in ("auto", "none")
+        if packs and self.accum_schedule:
+            raise ConfigError(f"--pack {self.pack} sets K per step from the lengths, "
+                              "--accum-schedule from a schedule; give one of them")
+        if self.pack == "none" and self.micro_tokens is not None:
+            raise ConfigError("--pack none cuts by --micro-batch samples, --micro-tokens by "
+                              "tokens; drop one of them")
+        if self.pack_cost is not None:
+            self.cost_model()
         if self.memory is not None:
             from ..memory import parse_bytes
 
@@ -185,11 +205,33 @@ class BatchConfig:
             if self.accum_steps is not None:
                 raise ConfigError("--micro-batch auto chooses K itself; drop --accum-steps and "
                                   "give --global-batch")
-            if self.micro_tokens is not None:
-                raise ConfigError("--micro-batch auto and --micro-tokens both choose how a global "
+            if self.micro_tokens is not None or packs:
+                what = "--micro-tokens" if self.micro_tokens is not None else f"--pack {self.pack}"
+                raise ConfigError(f"--micro-batch auto and {what} both choose how a global "
                                   "batch is cut; give one of them")
         else:
             self.plan()  # the batch triple must add up
+
+    def cost_model(self) -> Any:
+        """``--pack-cost`` as a :class:`bigbatch.CostModel` (None when not given).
+
+        Raises:
+            ConfigError: not three numbers >= 0, not all zero.
+        """
+        if self.pack_cost is None:
+            return None
+        from ..partition import CostModel
+
+        parts = str(self.pack_cost).split(",")
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            return CostModel(*(float(p) for p in parts))
+        except (ValueError, BigBatchError):
+            raise ConfigError(f"--pack-cost {self.pack_cost!r} is not three numbers >= 0 "
+                              "'A,B,C' (seconds per micro-batch, per token position, per row x "
+                              "column^2), e.g. 0.002,3e-7,1e-10; or leave it out to measure "
+                              "them") from None
 
     @property
     def auto_micro_batch(self) -> bool:
@@ -441,6 +483,10 @@ class TrainConfig:
         if self.model.task != "causal-lm" and self.batch.micro_tokens is not None:
             raise ConfigError(f"--micro-tokens packs sequences of next-token prediction; --task "
                               f"{self.model.task} cuts by --micro-batch")
+        if self.model.task != "causal-lm" and self.batch.pack not in ("auto", "none"):
+            raise ConfigError(f"--pack {self.batch.pack} packs sequences of next-token "
+                              f"prediction; --task {self.model.task} cuts by --micro-batch "
+                              "(drop --pack)")
         if self.model.task == "contrastive" and self.checkpoint.save_every_micro:
             raise ConfigError("--save-every-micro: a contrastive step embeds the whole cycle at "
                               "once, so it has no checkpoint mid-cycle; use --save-every")

@@ -193,6 +193,8 @@ def differences(saved: TrainConfig, given: TrainConfig, world_size: int) -> list
         plan = given.plan(world_size)
         have.update(global_batch=plan.global_batch, micro_batch=plan.micro_batch)
     have["accum_steps"] = want["accum_steps"]
+    if have["pack_cost"] is None:  # measured at the start, and recorded
+        have["pack_cost"] = want["pack_cost"]
     if have["data"] is not None:
         have["data"] = str(Path(have["data"]).absolute())
     for key in _NOT_SAVED:

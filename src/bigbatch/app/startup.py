@@ -39,7 +39,9 @@ class RunShape:
         world_size: data-parallel ranks.
         parallel: ``ddp`` or ``fsdp2`` (under torchrun).
         sample: what one sample is, e.g. ``128 bytes``.
-        micro_tokens: ``--micro-tokens`` (K then follows the lengths), or None.
+        packed: how ``--pack`` cuts each global batch (K then follows the lengths), e.g.
+            ``packed into padding-free rows, at most 1,024 tokens per micro-batch``; None: by
+            ``micro_batch`` samples.
     """
 
     steps: int
@@ -48,7 +50,7 @@ class RunShape:
     world_size: int
     parallel: str
     sample: str
-    micro_tokens: int | None = None
+    packed: str | None = None
 
     def cut(self, k: int, *, sizes: bool = True) -> str:
         """``32 = 4 micro-batches of 8 × 128 bytes`` (per rank × N ranks under torchrun)."""
@@ -73,11 +75,10 @@ def batch_line(shape: RunShape, schedule: AccumSchedule | None, spec: str | None
     """
     steps = plural(shape.steps, "step")
     where = f" ({shape.parallel})" if shape.world_size > 1 else ""
-    if shape.micro_tokens:
+    if shape.packed:
         per_rank = (f" ({shape.global_batch // shape.world_size:,} per rank × "
                     f"{shape.world_size} ranks{where})" if shape.world_size > 1 else "")
-        return (f"{steps} of global batch {shape.global_batch:,}{per_rank}, packed by length "
-                f"into micro-batches of at most {shape.micro_tokens:,} tokens")
+        return f"{steps} of global batch {shape.global_batch:,}{per_rank}, {shape.packed}"
     if schedule is None:
         k = shape.global_batch // (shape.micro_batch * shape.world_size)
         return f"{steps} of global batch {shape.cut(k)}{where}"

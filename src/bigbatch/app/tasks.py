@@ -29,14 +29,21 @@ TEMPERATURE = 0.05  # contrastive: cosine similarities / τ (the usual sentence-
 
 
 def gpt_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossSum:
-    """The built-in GPT: summed next-token cross-entropy over non-padding (pre-shifted) labels."""
+    """The built-in GPT: summed next-token cross-entropy over non-padding (pre-shifted) labels
+    (with ``position_ids``: padding-free rows, see :func:`bigbatch.pack_rows`)."""
+    if "position_ids" in batch:
+        return token_cross_entropy(model(batch["input_ids"], batch["position_ids"]),
+                                   batch["labels"])
     return token_cross_entropy(model(batch["input_ids"]), batch["labels"])
 
 
 def hf_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossSum:
-    """A transformers causal LM: its logits (not its own mean loss), the same sum and count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
-                   ).logits
+    """A transformers causal LM: its logits (not its own mean loss), the same sum and count.
+    Padding-free rows carry ``position_ids`` and no ``attention_mask``: transformers then keeps
+    attention within each sample (its packed-sequence masks)."""
+    extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   **extra).logits
     return token_cross_entropy(logits, batch["labels"])
 
 

@@ -39,6 +39,7 @@ from .earlystop import EarlyStopping, save_best
 from .fingerprint import check_fingerprint, data_fingerprint
 from .launch import Ranks, setup, wrap_model
 from .models.gpt import num_parameters
+from .packmode import choose_packing
 from .progress import Progress
 from .runfolder import (
     RunLock,
@@ -197,6 +198,9 @@ class Trainer:
         if config.batch.auto_micro_batch:
             self.config, lines = choose_micro_batch(config, self.work, self.ranks, self.comm)
             self.notes += lines
+        self.config, self.packing, lines = choose_packing(self.config, self.work, self.ranks,
+                                                          self.comm)
+        self.notes += lines
         self.plan = self.config.plan(world_size=self.ranks.world_size)
 
     def _setup_engine(self) -> None:
@@ -283,13 +287,14 @@ class Trainer:
         self.shape = shape = RunShape(
             config.optim.steps, plan.global_batch, plan.micro_batch, world,
             config.runtime.parallel, f"{config.data.seq_len} "
-            + ("bytes" if self.work.kind == "gpt" else "tokens"), config.batch.micro_tokens)
+            + ("bytes" if self.work.kind == "gpt" else "tokens"),
+            self.packing.describe() if self.packing.mode != "none" else None)
         most_k = (plan.accum_steps if schedule is None else max(k for _, k in schedule.table)
                   if schedule.kind == "table" else max(schedule.k_final, schedule.k_max))
         lines = [f"training {num_parameters(self.work.model):,} parameters on {self.work.device}: "
                  + batch_line(shape, schedule, config.batch.accum_schedule, self.step),
                  noise_line(enabled=config.runtime.noise_scale, fsdp=self.fsdp,
-                            most_micro_batches=2 if shape.micro_tokens else most_k * world),
+                            most_micro_batches=2 if shape.packed else most_k * world),
                  *data_lines(len(self.work.train), len(self.work.val),
                              run_samples(shape, schedule), plan.global_batch)]
         note = precision_note(config.runtime.precision, torch.device(self.work.device))
@@ -355,10 +360,12 @@ class Trainer:
             _scale_lr(self.opt, self.sched, lr_factor(config.batch.lr_scaling,
                                                       plan.global_batch, self.plan.global_batch))
         rows = rows[ranks.rank * plan.local_batch:(ranks.rank + 1) * plan.local_batch]
-        if not config.batch.micro_tokens:
+        if self.packing.mode == "none":
             return plan, plan.split(work.to_device(work.train.batch(rows)))
-        # sorted by length, ≤ N tokens each, padding trimmed; ranks evened out with empty ones
-        micro = packed_micro_batches(work.train, rows, config.batch.micro_tokens, work.device)
+        # ≤ N tokens each, as --pack says; ranks evened out with empty ones
+        packing = self.packing
+        micro = packed_micro_batches(work.train, rows, packing.budget, work.device,
+                                     mode=packing.mode, cost=packing.cost)
         if ranks.world_size > 1:
             micro = pad_micro_batches(micro, -ranks.smallest(-len(micro), self.comm))
         return plan, micro
@@ -405,7 +412,7 @@ class Trainer:
         note = f" | skipped: {stats.skip_reason}" if stats.skipped else ""
         if math.isfinite(b_noise):
             note += f" | B_noise {b_noise:,.0f} {self.work.task.unit}"
-        if self.schedule is not None or config.batch.micro_tokens:
+        if self.schedule is not None or self.packing.mode != "none":
             note += f" | K {k}"
         self.progress.update(step, stats.loss, tokens_per_s, stats.lr, note)
         if step == config.optim.steps or (config.data.eval_every > 0
@@ -475,8 +482,7 @@ class Trainer:
                 for prompt, completion in samples[:2]:
                     self.progress.write(f"sample: {_short(prompt)!r} → {_short(completion)!r}")
                 self.progress.write(f"sampled completions: {self.out / 'samples.md'}")
-            tokens = config.batch.micro_tokens
-            cut = (f"{plan.global_batch:,} in micro-batches of at most {tokens:,} tokens" if tokens
+            cut = (f"{plan.global_batch:,}, {self.shape.packed}" if self.shape.packed
                    else self.shape.cut(plan.accum_steps)
                    + (", K by --accum-schedule" if self.schedule is not None else ""))
             plot_losses(metrics, self.out / "loss.png", title=f"bigbatch train: global batch {cut}")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["GPT", "GPTConfig", "num_parameters"]
+__all__ = ["GPT", "GPTConfig", "document_mask", "num_parameters"]
 
 
 @dataclass(frozen=True)
@@ -87,14 +87,14 @@ class _Block(nn.Module):
         self.mlp_out = nn.Linear(cfg.mlp_ratio * d, d)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln_1(x)).split(d, dim=-1)
         # SDPA wants (batch, heads, time, head_dim).
         q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None)
         x = x + self.drop(self.attn_out(y.transpose(1, 2).reshape(b, t, d)))
         return x + self.drop(self.mlp_out(F.gelu(self.mlp_in(self.ln_2(x)))))
 
@@ -134,18 +134,26 @@ class GPT(nn.Module):
             nn.init.normal_(block.attn_out.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp_out.weight, mean=0.0, std=residual_std)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                ) -> torch.Tensor:
         """Next-token logits for every position.
 
         Args:
             input_ids: integer tensor of shape ``[B, T]`` with ``T <= config.seq_len`` and ids in
                 ``[0, vocab_size)``.
+            position_ids: ``[B, T]`` positions for padding-free rows (:func:`bigbatch.pack_rows`):
+                several samples per row, each restarting at 0. Attention then stays within a
+                sample (a block-diagonal causal mask from the restarts), so each sample's logits
+                are those it gets alone. ``None``: positions ``0..T-1``, one sample per row.
 
         Returns:
-            Float tensor ``[B, T, vocab_size]``; position ``t`` depends only on ids ``0..t``.
+            Float tensor ``[B, T, vocab_size]``; position ``t`` depends only on ids ``0..t`` (of
+            its own sample, with ``position_ids``).
 
         Raises:
-            ValueError: ``input_ids`` is not a 2-D integer tensor, or ``T > config.seq_len``.
+            ValueError: ``input_ids`` is not a 2-D integer tensor, ``T > config.seq_len``, or
+                ``position_ids`` is not an integer tensor of the same shape with values in
+                ``[0, seq_len)``.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else None
@@ -165,12 +173,43 @@ class GPT(nn.Module):
                 f"cut the input to at most {self.config.seq_len} tokens or build a larger seq_len"
             )
         ids = input_ids.long()
-        positions = torch.arange(t, device=ids.device)
+        mask = None
+        if position_ids is None:
+            positions = torch.arange(t, device=ids.device)
+        else:
+            positions = self._check_positions(position_ids, input_ids.shape)
+            mask = document_mask(positions)
         x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))
         recompute = self.config.checkpoint_activations and torch.is_grad_enabled()
         for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            x = checkpoint(block, x, mask, use_reentrant=False) if recompute else block(x, mask)
         return self.lm_head(self.ln_f(x))
+
+    def _check_positions(self, position_ids: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        if not isinstance(position_ids, torch.Tensor) or position_ids.shape != shape or (
+                position_ids.is_floating_point() or position_ids.dtype == torch.bool):
+            got = (f"{position_ids.dtype} {tuple(position_ids.shape)}"
+                   if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__)
+            raise ValueError(f"position_ids must be an integer tensor of shape {tuple(shape)} "
+                             f"(as input_ids), got {got}; build rows with bigbatch.pack_rows")
+        positions = position_ids.long()
+        if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < \
+                self.config.seq_len:
+            raise ValueError(f"position_ids must lie in [0, {self.config.seq_len}) (the model's "
+                             f"seq_len), got [{int(positions.min())}, {int(positions.max())}]")
+        return positions
+
+
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, T, T]`` boolean attention mask of padding-free rows: query ``q`` sees key ``k``
+    when ``k <= q`` and both lie in the same sample (a new sample wherever ``position_ids`` does
+    not continue by 1, see :func:`bigbatch.rows.segment_ids`)."""
+    from ...rows import segment_ids
+
+    seg = segment_ids(position_ids)
+    t = position_ids.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal).unsqueeze(1)
 
 
 def num_parameters(model: nn.Module) -> int:
