@@ -27,6 +27,11 @@ The coefficients come from :func:`measure_cost`, a short probe of the actual mod
 forward/backward passes at chosen shapes, fitted by non-negative least squares), so that a
 partition reflects this model on this machine; store them with the run to re-partition
 identically on resume (the result depends on the lengths, the budget and ``a, b, c`` alone).
+Only their ratios matter. Without a measurement, :data:`PRIOR` stands in: ``a`` = 128 token
+positions and ``c`` = 1/1000 of a position per column, the ratios measured for the built-in GPT
+(4 layers, width 128) on a 2-core CPU (``benchmarks/packing.py``: ``a/b`` 80, ``c/b`` 1e-3 to
+1.6e-3), where it predicts 1.03–1.08× the speed of sorting and cutting into equal row counts; on
+a GPU, where a micro-batch's fixed cost weighs far more, measure.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import torch
 from .memory import time_micro_batch
 from .packing import PackingError, _as_lengths, _check_budget
 
-__all__ = ["CostModel", "equal_row_partition", "measure_cost", "partition_by_cost"]
+__all__ = ["PRIOR", "CostModel", "equal_row_partition", "measure_cost", "partition_by_cost"]
 
 
 @dataclass(frozen=True)
@@ -86,12 +91,16 @@ class CostModel:
                 f"per token position + {self.per_token_sq * 1e9:.3g} ns per row × column²")
 
 
+#: The cost model used when none is given, in units of one token position (see the module).
+PRIOR = CostModel(per_micro=128.0, per_token=1.0, per_token_sq=1e-3)
+
+
 def _sorted(values: list[int]) -> list[int]:
     return sorted(range(len(values)), key=lambda i: -values[i])  # stable: ties in batch order
 
 
 def partition_by_cost(lengths: torch.Tensor | Sequence[int], max_tokens: int,
-                      cost: CostModel) -> list[torch.Tensor]:
+                      cost: CostModel | None = None) -> list[torch.Tensor]:
     """The partition into runs of the length order that minimises the predicted step time.
 
     See the module docstring for the recurrence. Ties between partitions of equal predicted time
@@ -102,7 +111,7 @@ def partition_by_cost(lengths: torch.Tensor | Sequence[int], max_tokens: int,
         lengths: each sample's real length (columns it needs), >= 0.
         max_tokens: padded token positions per micro-batch at most (rows × columns): the
             memory budget, as in :func:`bigbatch.pack_by_tokens`.
-        cost: the cost model, e.g. from :func:`measure_cost`.
+        cost: the cost model, e.g. from :func:`measure_cost`; None: :data:`PRIOR`.
 
     Returns:
         One ``LongTensor`` of positions into ``lengths`` per micro-batch, longest samples first
@@ -113,6 +122,7 @@ def partition_by_cost(lengths: torch.Tensor | Sequence[int], max_tokens: int,
             longer than ``max_tokens``).
     """
     budget = _check_budget(max_tokens)
+    cost = PRIOR if cost is None else cost
     if not isinstance(cost, CostModel):
         raise PackingError(f"cost must be a CostModel, got {type(cost).__name__}; build one with "
                            "measure_cost(...) or CostModel(a, b, c)")

@@ -146,9 +146,10 @@ def test_packing_by_tokens_trains_the_same_weights_with_fewer_padded_tokens(
     lines = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text().splitlines()
     data = tmp_path / "lines.jsonl"  # one sample per source line: 2 to 33 bytes
     data.write_text("".join(json.dumps({"text": x}) + "\n" for x in lines if len(x) > 1))
-    fixed = trainer.train(_config(tmp_path / "fixed", data), stream=io.StringIO())
+    fixed = trainer.train(_config(tmp_path / "fixed", data, pack="none"), stream=io.StringIO())
     log = io.StringIO()
-    packed = trainer.train(_config(tmp_path / "packed", data, micro_tokens=64), stream=log)
+    packed = trainer.train(_config(tmp_path / "packed", data, micro_tokens=64, pack="tokens"),
+                           stream=log)
     a = load_file(str(fixed.out / "model.safetensors"))
     b = load_file(str(packed.out / "model.safetensors"))
     for name in a:

@@ -63,9 +63,9 @@ def trained(out: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("arch", "kind"), [("gpt2", "instruct"), ("gpt2", "chat")])
 def test_masked_prompts_are_exact(arch: str, kind: str, folders: dict, data: dict,
                                   tmp_path: Path) -> None:
-    """K micro-batches of 2 and one of 16, and (the default for such uneven records) padding-free
-    rows, end where the full batch does (1e-10 of the update); the mean of micro-batch means does
-    not (> 1e-3)."""
+    """K micro-batches of 2 and one of 16, and (the default for such uneven records) the
+    cost-model partition, end where the full batch does (1e-10 of the update); the mean of
+    micro-batch means does not (> 1e-3)."""
     folder, val = folders[arch], data["val" if kind == "instruct" else "chat_val"]
     start, full, naive = references(folder, data[kind])
     for micro, pack in (("16", "none"), ("2", "auto"), ("2", "none")):
@@ -74,7 +74,7 @@ def test_masked_prompts_are_exact(arch: str, kind: str, folders: dict, data: dic
                 str(val), "--micro-batch", micro, "--pack", pack, "--out", str(out),
                 "--overwrite", *COMMON)
         assert r.returncode == 0, r.stderr
-        assert ("padding-free rows" in r.stderr) == (pack == "auto"), r.stderr
+        assert ("partitioned by length" in r.stderr) == (pack == "auto"), r.stderr
         assert hfref.distance(trained(out), full, start) <= RTOL
     assert hfref.distance(naive.state_dict(), full, start) > 1e-3
     # the run shows what it learned: completions sampled from held-out prompts
@@ -99,7 +99,7 @@ def test_llama_folder_trains_to_float32_rounding(folders: dict, data: dict,
 
 @pytest.mark.parametrize(("pack", "says"), [
     ("tokens", "packed by length into micro-batches of at most 160 tokens"),
-    ("partition", "partitioned by length for speed (measured cost model), at most 160 tokens"),
+    ("partition", "partitioned by length for speed by a cost model, at most 160 tokens"),
     ("rows", "packed into padding-free rows, at most 160 tokens per micro-batch")])
 def test_every_packing_is_exact(pack: str, says: str, folders: dict, data: dict,
                                 tmp_path: Path) -> None:

@@ -222,7 +222,7 @@ def test_packed_micro_batches_hold_the_global_batch() -> None:
 def test_pack_batch_matches_pack_by_tokens() -> None:
     batch = lm_batch(9, seq=12, lengths=[3, 12, 0, 7, 7, 1, 12, 5, 2])
     batch["weights"] = torch.arange(9)
-    micro = pack_batch(batch, 24)
+    micro = pack_batch(batch, 24, mode="tokens")
     groups = pack_by_tokens(label_lengths(batch["labels"]), 24)
     assert [m["weights"].tolist() for m in micro] == [g.tolist() for g in groups]
     assert [g.tolist() for g in groups] == [[1, 6], [3, 4, 7], [0, 8, 5, 2]]

@@ -24,7 +24,7 @@ from bigbatch import (
 )
 from bigbatch.app.models.gpt import GPT, GPTConfig
 from bigbatch.packing import PackingError, pack_by_tokens
-from bigbatch.partition import _fit, equal_row_partition, measure_cost
+from bigbatch.partition import PRIOR, _fit, equal_row_partition, measure_cost
 from bigbatch.rows import fill_rows, segment_ids
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -114,8 +114,8 @@ def test_pack_rows_refuses_what_it_cannot_pack() -> None:
         pack_rows({"input_ids": batch["input_ids"]}, 24)
     with pytest.raises(PackingError, match="mode 'rowz' is not one of"):
         pack_batch(batch, 24, mode="rowz")
-    with pytest.raises(PackingError, match="needs cost=CostModel"):
-        pack_batch(batch, 24, mode="partition")
+    assert len(pack_batch(batch, 24)) == len(pack_batch(batch, 24, mode="partition",
+                                                         cost=PRIOR))  # the default
     with pytest.raises(PackingError, match="cost is used by mode='partition' only"):
         pack_batch(batch, 24, mode="rows", cost=CostModel(1.0, 1.0))
 
@@ -289,3 +289,21 @@ def test_measure_cost_probes_the_model() -> None:
     assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradient
     with pytest.raises(PackingError, match="longest 99 must be an integer in"):
         measure_cost(model, padded_loss, make, 4 * SEQ, 99)
+
+
+def test_the_masked_and_the_per_sample_attention_agree() -> None:
+    """The built-in GPT attends per sample on the CPU and through one block-diagonal mask on
+    CUDA; both give each sample its own causal attention."""
+    from bigbatch.app.models.gpt import document_mask, document_spans
+
+    model = gpt()
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5, 0, 0, 1, 2]])
+    assert document_spans(pos) == [[(0, 3), (3, 2), (5, 4), (9, 1)], [(0, 6), (6, 1), (7, 3)]]
+    x = torch.randn(2, 10, 16)
+    block = model.blocks[0]
+    with torch.no_grad():
+        a, b = block(x, document_mask(pos)), block(x, document_spans(pos))
+        alone = block(x[:1, 5:9])  # one sample by itself, plain causal attention
+    assert max_rel_diff_t(a, b) <= RTOL
+    assert max_rel_diff_t(b[:1, 5:9], alone) <= RTOL
+    assert max_rel_diff_t(block(x, None).detach(), b) > 1e-3  # crossing attention differs

@@ -152,11 +152,11 @@ class BatchConfig:
         "cut each global batch into micro-batches of at most N tokens (rows × longest sample, "
         "samples sorted by length, padding trimmed) instead of --micro-batch samples", None)
     pack: str = option(
-        "how variable-length samples are cut into micro-batches: 'rows' (padding-free rows, "
-        "several samples per row), 'partition' (sorted runs chosen by a measured cost model), "
-        "'tokens' (sorted, greedy by --micro-tokens), 'none' (--micro-batch samples each); "
-        "'auto': rows where the model takes position_ids, else partition, when the data's "
-        "lengths vary (or --micro-tokens is given), else none", "auto",
+        "how variable-length samples are cut into micro-batches: 'partition' (sorted runs "
+        "chosen by a measured cost model: the fastest measured), 'rows' (padding-free rows, "
+        "several samples per row), 'tokens' (sorted, greedy), 'none' (--micro-batch samples "
+        "each); 'auto': partition when the data's lengths vary (or --micro-tokens is given), "
+        "else none", "auto",
         choices=("auto", "none", "tokens", "partition", "rows"))
     pack_cost: str | None = option(
         "--pack partition's cost model 'A,B,C': seconds per micro-batch, per token position, "
