@@ -40,6 +40,8 @@ LIBRARY_MODULES = (
     "bigbatch.engine.features",
     "bigbatch.engine.checks",
     "bigbatch.packing",
+    "bigbatch.partition",
+    "bigbatch.rows",
     "bigbatch.memory",
     "bigbatch.planner",
     "bigbatch.contrastive",

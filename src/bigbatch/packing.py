@@ -251,7 +251,7 @@ def pack_batch(
       from :func:`~bigbatch.measure_cost`; None: its prior, :data:`bigbatch.partition.PRIOR`):
       the fastest predicted runs of the length order. With a measured cost model it ran
       1.04–1.11× the speed of sorting and cutting into equal row counts and 1.07–1.19× greedy
-      ``"tokens"`` (``benchmarks/packing.py``, 2-core CPU); the prior predicts 1.03–1.08× there;
+      ``"tokens"`` (``benchmarks/packing.py``, 2-core CPU); the prior predicts 1.04–1.09× there;
     * ``"tokens"``: the groups of :func:`pack_by_tokens` (greedy: fewest micro-batches);
     * ``"rows"``: padding-free rows, several samples per row
       (:func:`bigbatch.rows.pack_rows`, with pre-shifted labels); the model must take

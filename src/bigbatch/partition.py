@@ -30,8 +30,8 @@ identically on resume (the result depends on the lengths, the budget and ``a, b,
 Only their ratios matter. Without a measurement, :data:`PRIOR` stands in: ``a`` = 128 token
 positions and ``c`` = 1/1000 of a position per column, the ratios measured for the built-in GPT
 (4 layers, width 128) on a 2-core CPU (``benchmarks/packing.py``: ``a/b`` 80, ``c/b`` 1e-3 to
-1.6e-3), where it predicts 1.03–1.08× the speed of sorting and cutting into equal row counts; on
-a GPU, where a micro-batch's fixed cost weighs far more, measure.
+1.6e-3), where it predicts 1.04× and 1.09× the speed of sorting and cutting into equal row
+counts; on a GPU, where a micro-batch's fixed cost weighs far more, measure.
 """
 
 from __future__ import annotations

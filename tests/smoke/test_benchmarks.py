@@ -170,16 +170,21 @@ def test_memory_k(tmp_path: Path) -> None:
 
 
 def test_packing(tmp_path: Path) -> None:
-    report, stdout = quick("packing", tmp_path)
-    assert "| definition | packed:" in stdout
-    assert [res["samples"] for res in report["results"]] == ["definition", "window"]
-    for res in report["results"]:
-        arms = res["arms"]
-        assert set(arms) == {"fixed", "fixed, trimmed", "packed"}
-        budget = report["settings"]["token_budget"]
-        assert arms["packed"]["largest_micro_batch_positions"] <= budget
-        assert arms["packed"]["padding_fraction"] <= arms["fixed"]["padding_fraction"]
-        assert arms["packed"]["param_diff_over_update_vs_fixed"] < 1e-3  # same update, float32
+    png = tmp_path / "packing.png"
+    report, stdout = quick("packing", tmp_path, "--png", str(png))
+    assert png.stat().st_size > 0
+    assert "| partition |" in stdout and "| rows |" in stdout and "| limit |" in stdout
+    res = report["results"]
+    arms = res["arms"]
+    assert {"pad to max", "dynamic padding", "sorted in step", "tokens", "partition", "rows",
+            "limit"} <= set(arms)
+    budget = report["settings"]["token_budget"]
+    for name in ("tokens", "partition", "rows", "sorted in step"):
+        assert arms[name]["largest_micro_batch_positions"] <= budget, name
+        assert arms[name]["same_samples_per_step"]
+        assert arms[name]["update_diff_vs_pad_to_max"] < 1e-3  # same update, float32
+    assert arms["rows"]["padding_fraction"] <= arms["pad to max"]["padding_fraction"]
+    assert len(res["cost_model"]) == 3 and all(v >= 0 for v in res["cost_model"])
 
 
 def test_batchnorm_digits(tmp_path: Path) -> None:
