@@ -136,7 +136,7 @@ def test_resume_before_the_first_checkpoint_starts_the_recorded_run(tmp_path: Pa
 def test_one_writer_per_run_folder(tmp_path: Path, text: Path) -> None:
     """A second process on a run folder in use is refused at start, with the writer's pid; a
     SIGKILLed writer leaves no lock behind."""
-    args = ["--data", str(text), "--steps", "400", "--save-every", "1", *TINY]
+    args = ["--data", str(text), "--steps", "20000", "--save-every", "1", *TINY]  # never ends
     out = tmp_path / "run"
     first = subprocess.Popen(command(*args, "--out", str(out), "--resume", "auto"),
                              stderr=subprocess.PIPE, text=True)
@@ -155,8 +155,8 @@ def test_one_writer_per_run_folder(tmp_path: Path, text: Path) -> None:
     first.communicate()
     resumed = subprocess.Popen(command("--resume", str(out)), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    before = len(list_checkpoints(out / "checkpoints"))
-    while resumed.poll() is None and len(list_checkpoints(out / "checkpoints")) <= before:
+    before = list_checkpoints(out / "checkpoints")[-1].name  # --keep rotates: watch the newest
+    while resumed.poll() is None and list_checkpoints(out / "checkpoints")[-1].name == before:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     resumed.send_signal(signal.SIGTERM)

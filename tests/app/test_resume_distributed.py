@@ -38,6 +38,18 @@ def run(*args: str, world: int = 1) -> subprocess.CompletedProcess:
                           timeout=600, env=ENV)
 
 
+def gone(group: int, timeout: float = 60) -> None:
+    """Wait until every process of a killed process group has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"process group {group} still alive"
+        time.sleep(0.05)
+
+
 def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model.safetensors"))
 
@@ -77,6 +89,7 @@ def test_mid_cycle_kill_resumes_bitwise_on_two_ranks_and_falls_back_on_one(
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
     proc.wait()
+    gone(proc.pid)  # the ranks too: none still renaming a checkpoint while it is copied
     newest = list_checkpoints(out / "checkpoints")[-1]
     state = load_checkpoint(newest)
     if state["micro"]:  # one checkpoint holding each rank's own partial cycle

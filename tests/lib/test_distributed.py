@@ -348,10 +348,11 @@ def test_torchrun_packed_by_tokens_matches_one_process_fixed_split(tmp_path: Pat
     """2 DDP ranks, each packing its share by length (ranks get different numbers of
     micro-batches, padded with empty ones), end where 1 process with fixed micro-batches does."""
     fixed, packed = tmp_path / "fixed", tmp_path / "packed"
-    r = bigbatch("train", "--data", str(ragged), "--steps", "3", "--out", str(fixed), *TINY)
+    r = bigbatch("train", "--data", str(ragged), "--steps", "3", "--out", str(fixed),
+                 "--pack", "none", *TINY)
     assert r.returncode == 0, r.stderr
     r = bigbatch("train", "--data", str(ragged), "--steps", "3", "--out", str(packed),
-                 "--micro-tokens", "64", *TINY, world=2)
+                 "--micro-tokens", "64", "--pack", "tokens", *TINY, world=2)
     assert r.returncode == 0, r.stderr
     assert "packed by length into micro-batches of at most 64 tokens" in r.stderr
     assert max_rel_diff(weights(packed), weights(fixed)) <= RTOL
