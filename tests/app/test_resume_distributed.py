@@ -4,6 +4,7 @@ resume across world sizes 2→1 and 1→2 at step boundaries; SIGTERM to the gro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -38,16 +39,42 @@ def run(*args: str, world: int = 1) -> subprocess.CompletedProcess:
                           timeout=600, env=ENV)
 
 
-def gone(group: int, timeout: float = 60) -> None:
-    """Wait until every process of a killed process group has exited."""
-    deadline = time.monotonic() + timeout
-    while True:
+def descendants(pid: int) -> list[int]:
+    """``pid``'s children, grandchildren, … (Linux ``/proc``): torchrun starts each rank in a
+    session of its own, so killing torchrun's process group leaves the ranks running."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return
-        assert time.monotonic() < deadline, f"process group {group} still alive"
-        time.sleep(0.05)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_all(pid: int, timeout: float = 60) -> None:
+    """SIGKILL torchrun and every rank at once, and wait until none runs any more."""
+    family = [pid, *descendants(pid)]
+    for p in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    for p in family:
+        while Path(f"/proc/{p}").exists() and "zombie" not in _state(p):
+            assert time.monotonic() < deadline, f"process {p} still alive"
+            time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0]
+    except (OSError, IndexError):
+        return "zombie"  # gone
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -87,9 +114,8 @@ def test_mid_cycle_kill_resumes_bitwise_on_two_ranks_and_falls_back_on_one(
     while not [p for p in mid_cycle() if not p.name.startswith("step-00000000")]:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
+    kill_all(proc.pid)  # torchrun and both ranks, mid-run: none left writing a checkpoint
     proc.wait()
-    gone(proc.pid)  # the ranks too: none still renaming a checkpoint while it is copied
     newest = list_checkpoints(out / "checkpoints")[-1]
     state = load_checkpoint(newest)
     if state["micro"]:  # one checkpoint holding each rank's own partial cycle

@@ -98,5 +98,7 @@ def main() -> None:
         torch.save(result, out / f"{case}-rank{dist.get_rank()}.pt")
 
 
+
 if __name__ == "__main__":
     main()
+    td.close_group()

@@ -74,5 +74,7 @@ def main() -> None:
         torch.save(result, out / f"{case}-rank{rank}.pt")
 
 
+
 if __name__ == "__main__":
     main()
+    td.close_group()

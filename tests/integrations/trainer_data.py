@@ -164,3 +164,14 @@ def tokens_per_micro_batch() -> list[int]:
 
 
 assert math.ceil(ROWS / MICRO) % K != 0  # a short last cycle in one process
+
+
+
+def close_group() -> None:
+    """Leave the process group before the interpreter exits: a gloo group torn down at exit can
+    abort a rank ("terminate called without an active exception") after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
