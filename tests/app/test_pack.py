@@ -162,3 +162,17 @@ def test_two_ranks_pack_their_shares_exactly(pack: str, parallel: str, tmp_path:
     assert "(4 per rank × 2 ranks" in r.stderr
     truth, _ = full_batch_weights(data=str(ragged), **FLAGS)
     assert max_rel_diff_named(load_file(str(out / "model.safetensors")), truth) <= 1e-10
+
+
+def test_records_left_out_are_reported_for_the_built_in_gpt(tmp_path: Path) -> None:
+    """Records longer than --seq-len are left out and counted, for the built-in GPT as for a
+    Hugging Face model (the built-in path used to drop that line), and its sampled completions
+    stay within the model's positions (they used to run past them and crash the run's end)."""
+    data = tmp_path / "r.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Q" * n, "completion": " A"}) + "\n"
+                            for n in (5, 80, 6, 7, 90, 8, 9, 10, 11, 12)))
+    r = run("train", "--data", str(data), "--steps", "1", "--global-batch", "4", "--micro-batch",
+            "2", "--eval-data", str(data), *MODEL, "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert ("training data: left out 2 of 10 records (--on-bad-sample skip): 2 longer than "
+            "--seq-len 32 tokens (first: r.jsonl:2)") in r.stderr

@@ -109,7 +109,9 @@ def _prompt(samples: Any, batch: dict[str, torch.Tensor], row: int) -> list[int]
 
 
 def _generate(work: Workload, model: torch.nn.Module, ids: torch.Tensor) -> list[int]:
-    limit = work.train.seq_len if isinstance(work.train, TokenWindows) else None
+    # the built-in GPT's positions (records data too: its windows are not TokenWindows then)
+    limit = getattr(getattr(model, "config", None), "seq_len", None) or (
+        work.train.seq_len if isinstance(work.train, TokenWindows) else None)
     if work.kind == "hf":
         got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                   do_sample=True, temperature=TEMPERATURE, top_k=0,

@@ -166,10 +166,12 @@ def build_workload(config: TrainConfig, data: Any = None) -> Workload:
     device = resolve_device(config.runtime.device)
     dtype, spec = _DTYPES[config.model.dtype], config.model.model
     if config.model.builtin:
-        train, val = data if data is not None else _pair(load_data(config))
+        loaded = None if data is not None else load_data(config)
+        train, val = data if loaded is None else _pair(loaded)
         model = build_model(config, device)
         return Workload(model, train, val, device, dtype, loss=lm_loss, tokenizer=ByteTokenizer(),
-                        blocks=list(model.blocks))
+                        blocks=list(model.blocks),
+                        notes=list(loaded.notes) if loaded is not None else [])  # records left out
     if is_factory(spec):  # type: ignore[arg-type]
         if config.model.task != "causal-lm" or config.data.data is not None:
             raise ConfigError(f"--model {spec} brings its own data and loss; drop --task and "
