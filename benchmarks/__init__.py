@@ -11,6 +11,7 @@ BENCHMARKS = {
     "engine_profile": "benchmarks.engine_profile",
     "memory_k": "benchmarks.memory_k",
     "packing": "benchmarks.packing",
+    "attention_rows": "benchmarks.attention_rows",
     "batchnorm_digits": "benchmarks.batchnorm_digits",
     "noise_overhead": "benchmarks.noise_overhead",
     "sync": "benchmarks.sync",

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -32,3 +34,23 @@ def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path.write_bytes((stdlib / "json" / "decoder.py").read_bytes()
                      + (stdlib / "textwrap.py").read_bytes())
     return path
+
+
+# A test skipped for a missing package is fine on a machine without that extra, but on CI, which
+# installs every extra the tests need (".[dev]"), it would hide a broken install as a pass: there
+# such skips fail the session, listed. Skips for other reasons (no CUDA, a package that cannot be
+# installed next to the others) stay skips.
+MISSING_PACKAGE = re.compile(r"could not import|is not installed|No module named")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("CI") != "true":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    missing = sorted({str(r.longrepr[-1]) if isinstance(r.longrepr, tuple) else str(r.longrepr)
+                      for r in skipped if MISSING_PACKAGE.search(str(r.longrepr))})
+    if missing:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nCI: {len(missing)} skip(s) for a package [dev] should have installed: "
+              + "; ".join(missing), file=sys.stderr)

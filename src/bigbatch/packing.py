@@ -250,8 +250,8 @@ def pack_batch(
       :func:`bigbatch.partition.partition_by_cost` under ``cost`` (a :class:`~bigbatch.CostModel`
       from :func:`~bigbatch.measure_cost`; None: its prior, :data:`bigbatch.partition.PRIOR`):
       the fastest predicted runs of the length order. With a measured cost model it ran
-      1.04–1.11× the speed of sorting and cutting into equal row counts and 1.07–1.19× greedy
-      ``"tokens"`` (``benchmarks/packing.py``, 2-core CPU); the prior predicts 1.04–1.09× there;
+      1.04–1.08× the speed of sorting and cutting into equal row counts and 1.07–1.17× greedy
+      ``"tokens"`` (``benchmarks/packing.py``, 2-core CPU);
     * ``"tokens"``: the groups of :func:`pack_by_tokens` (greedy: fewest micro-batches);
     * ``"rows"``: padding-free rows, several samples per row
       (:func:`bigbatch.rows.pack_rows`, with pre-shifted labels); the model must take

@@ -28,10 +28,10 @@ forward/backward passes at chosen shapes, fitted by non-negative least squares),
 partition reflects this model on this machine; store them with the run to re-partition
 identically on resume (the result depends on the lengths, the budget and ``a, b, c`` alone).
 Only their ratios matter. Without a measurement, :data:`PRIOR` stands in: ``a`` = 128 token
-positions and ``c`` = 1/1000 of a position per column, the ratios measured for the built-in GPT
-(4 layers, width 128) on a 2-core CPU (``benchmarks/packing.py``: ``a/b`` 80, ``c/b`` 1e-3 to
-1.6e-3), where it predicts 1.04× and 1.09× the speed of sorting and cutting into equal row
-counts; on a GPU, where a micro-batch's fixed cost weighs far more, measure.
+positions and ``c`` = 1/1000 of a position per column, rounded from the ratios measured for the
+built-in GPT (4 layers, width 128) on a 2-core CPU (``benchmarks/packing.py`` prints its fit:
+``a/b`` about 80, ``c/b`` 1e-3 to 1.6e-3). On a GPU, where a micro-batch's fixed cost weighs far
+more, measure.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ import pytest
 pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-NAMES = ("peers", "engine_profile", "memory_k", "packing", "batchnorm_digits", "noise_overhead",
-         "sync", "checkpoint_cost")
+NAMES = ("peers", "engine_profile", "memory_k", "packing", "attention_rows", "batchnorm_digits",
+         "noise_overhead", "sync", "checkpoint_cost")
 LINUX_PEAKS = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
                                  reason="CPU peaks are read from Linux's /proc/self")
 
@@ -185,6 +185,15 @@ def test_packing(tmp_path: Path) -> None:
         assert arms[name]["update_diff_vs_pad_to_max"] < 1e-3  # same update, float32
     assert arms["rows"]["padding_fraction"] <= arms["pad to max"]["padding_fraction"]
     assert len(res["cost_model"]) == 3 and all(v >= 0 for v in res["cost_model"])
+
+
+def test_attention_rows(tmp_path: Path) -> None:
+    report, stdout = quick("attention_rows", tmp_path)
+    assert {"dense mask", "per sample", "causal, no mask"} <= set(report["ms"])
+    assert all(v > 0 for v in report["ms"].values())
+    assert set(report["ms"]) | set(report["failed"]) == {"dense mask", "per sample",
+                                                          "causal, no mask", "flex", "nested"}
+    assert "| per sample |" in stdout
 
 
 def test_batchnorm_digits(tmp_path: Path) -> None:

@@ -12,9 +12,9 @@
 ``auto`` (the default) packs when ``--micro-tokens`` is given or the data's lengths vary (at
 least :data:`VARIABLE` of the positions of full-length samples would be padding), as
 ``partition``: measured the fastest (``benchmarks/packing.py``, 2-core CPU, the built-in GPT
-4×128 on standard-library definitions: 1.11× sorting and cutting into equal row counts at 1,024
-positions and global batch 64, 1.04× at 512 and 32; padding-free rows 0.97× at both, within 3% of
-the no-padding limit; greedy ``tokens`` 0.93× and 0.97×) and usable with any model. The budget is
+4×128 on standard-library definitions: 1.08× sorting and cutting into equal row counts at 1,024
+positions and global batch 64, 1.04× at 512 and 32; padding-free rows 0.97× at both, within 2% of
+the no-padding limit; greedy ``tokens`` 0.92× and 0.97×) and usable with any model. The budget is
 ``--micro-tokens``, else ``--micro-batch × --seq-len`` positions, so no micro-batch needs more
 memory than a fixed one. Every mode gives the update of the whole global batch; only the speed
 differs.
@@ -22,6 +22,7 @@ differs.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,10 +103,11 @@ def choose_packing(config: TrainConfig, work: Workload, ranks: Ranks, device: to
     if mode == "partition":
         cost = batch.cost_model()
         if cost is None:
+            start = time.perf_counter()
             cost = _measure(work, budget, config.data.seq_len, ranks)
             config = config.replace(pack_cost=",".join(f"{v:.6g}" for v in cost.as_list()))
-            lines.append(f"cost model (recorded as --pack-cost {config.batch.pack_cost}): "
-                         f"{cost.describe()}")
+            lines.append(f"cost model (recorded as --pack-cost {config.batch.pack_cost}; probe "
+                         f"{time.perf_counter() - start:.1f}s): {cost.describe()}")
     return config, Packing(mode, budget, cost), lines
 
 
@@ -126,8 +128,8 @@ def _hf_rows_check(work: Workload) -> str:
     model.eval()
     try:
         g = torch.Generator().manual_seed(0)
-        vocab = int(model.get_input_embeddings().num_embeddings)
-        a, b = (torch.randint(0, vocab, (1, n), generator=g).to(work.device) for n in (5, 4))
+        a, b = (torch.randint(0, _vocab(work), (1, n), generator=g).to(work.device)
+                for n in (5, 4))
         row = torch.cat([a, b], 1)
         positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device=work.device)
         try:
